@@ -1,0 +1,1 @@
+"""ropebert.kernels"""

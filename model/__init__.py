@@ -1,0 +1,36 @@
+"""ropebert.model: the RoPE BERT encoder (E5-RoPE), its config, attention-backend registry and HF export."""
+
+from .configuration_ropebert import RopeBertConfig
+from .modeling_ropebert import (
+    ATTENTION_BACKENDS,
+    ROPE_IMPLS,
+    AttentionContext,
+    RopeBertModel,
+    apply_rotary,
+    get_attention_backend,
+    mean_pool,
+    register_attention_backend,
+    register_rope_impl,
+    rope_cos_sin,
+    rope_inv_freq,
+    rotate_half,
+)
+from .optional_backends import register_optional_backends
+
+register_optional_backends()
+
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "ROPE_IMPLS",
+    "AttentionContext",
+    "RopeBertConfig",
+    "RopeBertModel",
+    "apply_rotary",
+    "get_attention_backend",
+    "mean_pool",
+    "register_attention_backend",
+    "register_rope_impl",
+    "rope_cos_sin",
+    "rope_inv_freq",
+    "rotate_half",
+]

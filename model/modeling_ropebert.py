@@ -1,0 +1,763 @@
+# Copyright ropebert contributors. Apache-2.0.
+"""RoPE BERT encoder (E5-RoPE recipe, LongEmbed): BERT with the absolute position table removed and rotary
+embeddings applied to q and k in every layer.
+
+    embeddings:  word + token_type -> LayerNorm -> dropout                 (no position table)
+    each layer:  x -> q, k, v projections; rotary(q), rotary(k) (rotate-half pairing)
+                 attn = softmax(q k^T / sqrt(d) + padding mask) v
+                 x = LayerNorm(x + dropout(dense(attn)))                   (post-LN)
+                 x = LayerNorm(x + dropout(dense(gelu_erf(dense(x)))))
+    embedding:   masked mean pooling over the last hidden state + L2 normalisation (no pooler)
+
+This file is the single source of truth for the model: `ropebert export` copies it verbatim (with
+configuration_ropebert.py) into the exported Hugging Face directory. It therefore imports only the
+standard library, torch and transformers. Optional GPU backends (flash-attn, xformers) and the fused Triton
+rotary kernel live in other modules of the ropebert package and plug into the registries below.
+
+Shapes: B batch, L padded length, T packed tokens (sum of lengths), H heads, D head_dim, C hidden size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutput
+
+from .configuration_ropebert import RopeBertConfig
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rotary embeddings (rotate-half pairing: dim i is paired with dim i + D/2, NOT interleaved)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """inv_freq = 1 / theta^(arange(0, D, 2) / D), fp32, shape (D/2,)."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
+    return (1.0 / (float(theta) ** exponent)).to(device=device, dtype=torch.float32)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for arbitrary (integer or fractional) positions, fp32, shape (*positions.shape, D)."""
+    freqs = positions.to(torch.float32)[..., None] * inv_freq  # (..., D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (..., D)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., H, D) rotated in fp32 by cos/sin (..., 1, D); returns x's dtype."""
+    xf = x.to(torch.float32)
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+def rope_torch(q: torch.Tensor, k: torch.Tensor, ctx: "AttentionContext") -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference rotary implementation: cos/sin computed once per forward (cached on ctx) and shared by layers."""
+    cos, sin = ctx.cos_sin()
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+# name -> fn(q, k, ctx) -> (q, k). ropebert.kernels registers "triton" here when Triton is importable.
+ROPE_IMPLS: dict[str, Callable] = {"torch": rope_torch}
+
+
+def register_rope_impl(name: str, fn: Callable) -> None:
+    ROPE_IMPLS[name] = fn
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention backends: a small registry of functions keyed by name
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AttentionContext:
+    """Everything attention needs besides q, k, v; built once per forward and shared by all layers.
+
+    Padded layout (backend.packed False): q/k/v are (B, L, H, D), `attention_mask` (B, L) bool.
+    Packed layout (backend.packed True): q/k/v are (T, H, D), `cu_seqlens` (B+1,) int32 and `max_seqlen`.
+    `positions` are rotary positions, (B, L) or (T,), integer or fractional.
+    """
+
+    packed: bool
+    positions: torch.Tensor
+    inv_freq: torch.Tensor
+    seqlens: torch.Tensor  # (B,) int32 number of real tokens per sequence
+    scale: float
+    dropout_p: float
+    attention_mask: Optional[torch.Tensor] = None  # (B, L) bool, padded layout only
+    has_padding: bool = False
+    cu_seqlens: Optional[torch.Tensor] = None  # (B+1,) int32, packed layout only
+    max_seqlen: int = 0
+    rope_fn: Callable = rope_torch
+    _cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
+
+    def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos/sin broadcastable against q: (B, L, 1, D) padded or (T, 1, D) packed."""
+        if self._cos_sin is None:
+            cos, sin = rope_cos_sin(self.positions, self.inv_freq)
+            self._cos_sin = (cos.unsqueeze(-2), sin.unsqueeze(-2))
+        return self._cos_sin
+
+
+def eager_attention(q, k, v, ctx: AttentionContext):
+    """Reference: explicit softmax(q k^T * scale + mask) v in fp32. (B, L, H, D) -> (B, L, H, D)."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * ctx.scale  # (B, H, L, L)
+    if ctx.attention_mask is not None:
+        scores = scores.masked_fill(~ctx.attention_mask[:, None, None, :], torch.finfo(torch.float32).min)
+    probs = scores.softmax(dim=-1)
+    if ctx.dropout_p > 0:
+        probs = F.dropout(probs, p=ctx.dropout_p)
+    out = torch.matmul(probs.to(v.dtype), v)  # (B, H, L, D)
+    return out.transpose(1, 2)
+
+
+def sdpa_attention(q, k, v, ctx: AttentionContext):
+    """torch scaled_dot_product_attention on the padded batch with a boolean key mask."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+    mask = ctx.attention_mask[:, None, None, :] if ctx.has_padding else None
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=ctx.dropout_p, scale=ctx.scale)
+    return out.transpose(1, 2)
+
+
+def sdpa_packed_attention(q, k, v, ctx: AttentionContext):
+    """Packed tokens, one SDPA call per sequence. Runs anywhere; the CPU reference for the varlen path."""
+    out = torch.empty_like(q)  # (T, H, D)
+    cu = ctx.cu_seqlens.tolist()
+    for s, e in zip(cu[:-1], cu[1:]):
+        if e == s:
+            continue
+        qs, ks, vs = (t[s:e].transpose(0, 1)[None] for t in (q, k, v))  # (1, H, n, D)
+        o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=ctx.dropout_p, scale=ctx.scale)
+        out[s:e] = o[0].transpose(0, 1)
+    return out
+
+
+def varlen_attention(q, k, v, ctx: AttentionContext):
+    """torch.nn.attention.varlen.varlen_attn (torch >= 2.10, CUDA, fp16/bf16) on packed tokens."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu = ctx.cu_seqlens
+    return varlen_attn(q, k, v, cu, cu, ctx.max_seqlen, ctx.max_seqlen, scale=ctx.scale)
+
+
+def _has_torch_varlen() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """A registered attention implementation.
+
+    fn(q, k, v, ctx) -> out, with rotary already applied to q and k.
+    packed: True if it consumes packed (T, H, D) tokens with cu_seqlens (the model then unpads once per
+        forward, before the embeddings, and re-pads once at the end).
+    supports_dropout: whether it implements attention-probability dropout (training with p > 0).
+    is_available(device, dtype): whether it can run here.
+    """
+
+    name: str
+    fn: Callable
+    packed: bool
+    supports_dropout: bool = True
+    is_available: Callable[[torch.device, torch.dtype], bool] = lambda device, dtype: True
+
+
+ATTENTION_BACKENDS: dict[str, AttentionBackend] = {}
+
+# order in which "auto" tries backends
+AUTO_PREFERENCE: list[str] = ["varlen", "flash_attn", "xformers", "sdpa"]
+
+
+def register_attention_backend(
+    name: str,
+    fn: Callable,
+    *,
+    packed: bool,
+    supports_dropout: bool = True,
+    is_available: Callable[[torch.device, torch.dtype], bool] = lambda device, dtype: True,
+) -> None:
+    ATTENTION_BACKENDS[name] = AttentionBackend(name, fn, packed, supports_dropout, is_available)
+
+
+register_attention_backend("eager", eager_attention, packed=False)
+register_attention_backend("sdpa", sdpa_attention, packed=False)
+register_attention_backend("sdpa_packed", sdpa_packed_attention, packed=True)
+register_attention_backend(
+    "varlen",
+    varlen_attention,
+    packed=True,
+    supports_dropout=False,
+    is_available=lambda device, dtype: device.type == "cuda"
+    and dtype in (torch.float16, torch.bfloat16)
+    and _has_torch_varlen(),
+)
+
+
+def get_attention_backend(name: str) -> AttentionBackend:
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(
+            f"Unknown attention backend {name!r}; available: {sorted(ATTENTION_BACKENDS)} or 'auto' "
+            "(flash_attn / xformers register themselves when `ropebert.model` is imported and they are installed)"
+        )
+    return ATTENTION_BACKENDS[name]
+
+
+def resolve_attention_backend(name: str, device: torch.device, dtype: torch.dtype, needs_dropout: bool) -> AttentionBackend:
+    """Pick the backend for one forward. 'auto' takes the first available of AUTO_PREFERENCE."""
+    if name != "auto":
+        backend = get_attention_backend(name)
+        if not backend.is_available(device, dtype):
+            raise RuntimeError(f"Attention backend {name!r} cannot run on device={device} dtype={dtype}")
+        if needs_dropout and not backend.supports_dropout:
+            raise RuntimeError(
+                f"Attention backend {name!r} has no attention dropout; set attention_probs_dropout_prob=0 "
+                "for training with it, or choose 'sdpa' / 'auto'"
+            )
+        return backend
+    for cand in AUTO_PREFERENCE:
+        backend = ATTENTION_BACKENDS.get(cand)
+        if backend is None or (needs_dropout and not backend.supports_dropout):
+            continue
+        if backend.is_available(device, dtype):
+            return backend
+    return ATTENTION_BACKENDS["sdpa"]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, backend: AttentionBackend):
+    """Rotary on q and k, then the backend. The seam where long-context attention variants plug in."""
+    q, k = ctx.rope_fn(q, k, ctx)
+    return backend.fn(q, k, v, ctx)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Modules (names follow BERT so BERT / E5-RoPE checkpoints load without renaming)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class RopeBertEmbeddings(nn.Module):
+    def __init__(self, config: RopeBertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)  # (..., C)
+        return self.dropout(self.LayerNorm(x))
+
+
+class RopeBertSelfAttention(nn.Module):
+    def __init__(self, config: RopeBertConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, backend: AttentionBackend) -> torch.Tensor:
+        lead = x.shape[:-1]  # (B, L) or (T,)
+        # one GEMM for q, k and v while the weights keep their BERT names
+        w = torch.cat((self.query.weight, self.key.weight, self.value.weight), dim=0)  # (3C, C)
+        b = torch.cat((self.query.bias, self.key.bias, self.value.bias), dim=0)
+        qkv = F.linear(x, w, b).view(*lead, 3, self.num_heads, self.head_dim)  # (..., 3, H, D)
+        q, k, v = qkv.unbind(dim=-3)  # each (..., H, D)
+        out = attend(q, k, v, ctx, backend)  # (..., H, D)
+        return out.reshape(*lead, self.num_heads * self.head_dim)
+
+
+class RopeBertSelfOutput(nn.Module):
+    def __init__(self, config: RopeBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(residual + self.dropout(self.dense(h)))
+
+
+class RopeBertAttention(nn.Module):
+    def __init__(self, config: RopeBertConfig):
+        super().__init__()
+        self.self = RopeBertSelfAttention(config)
+        self.output = RopeBertSelfOutput(config)
+
+    def forward(self, x, ctx, backend):
+        return self.output(self.self(x, ctx, backend), x)
+
+
+class RopeBertIntermediate(nn.Module):
+    def __init__(self, config: RopeBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]  # "gelu" = exact erf GELU
+
+    def forward(self, x):
+        return self.act(self.dense(x))
+
+
+class RopeBertOutput(nn.Module):
+    def __init__(self, config: RopeBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, h, residual):
+        return self.LayerNorm(residual + self.dropout(self.dense(h)))
+
+
+class RopeBertLayer(nn.Module):
+    def __init__(self, config: RopeBertConfig):
+        super().__init__()
+        self.attention = RopeBertAttention(config)
+        self.intermediate = RopeBertIntermediate(config)
+        self.output = RopeBertOutput(config)
+
+    def forward(self, x, ctx, backend):
+        x = self.attention(x, ctx, backend)
+        return self.output(self.intermediate(x), x)
+
+
+class RopeBertEncoder(nn.Module):
+    def __init__(self, config: RopeBertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([RopeBertLayer(config) for _ in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+
+    def forward(self, x, ctx, backend, output_hidden_states: bool = False):
+        all_hidden = [x] if output_hidden_states else None
+        for layer in self.layer:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, ctx, backend, use_reentrant=False)
+            else:
+                x = layer(x, ctx, backend)
+            if all_hidden is not None:
+                all_hidden.append(x)
+        return x, all_hidden
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pooling
+# ----------------------------------------------------------------------------------------------------------
+
+
+def mean_pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """Masked mean over tokens, then L2 normalisation. (B, L, C), (B, L) -> (B, C), in fp32."""
+    m = attention_mask.to(torch.float32).unsqueeze(-1)  # (B, L, 1)
+    summed = (last_hidden_state.to(torch.float32) * m).sum(dim=1)
+    emb = summed / m.sum(dim=1).clamp(min=1e-9)
+    return F.normalize(emb, p=2, dim=-1) if normalize else emb
+
+
+def packed_mean_pool(hidden: torch.Tensor, seqlens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """Mean over each sequence of packed tokens. (T, C), (B,) -> (B, C), fp32."""
+    B = seqlens.shape[0]
+    seq_index = torch.repeat_interleave(torch.arange(B, device=hidden.device), seqlens.long())  # (T,)
+    summed = torch.zeros(B, hidden.shape[-1], device=hidden.device, dtype=torch.float32)
+    summed.index_add_(0, seq_index, hidden.to(torch.float32))
+    emb = summed / seqlens.to(torch.float32).clamp(min=1e-9).unsqueeze(-1)
+    return F.normalize(emb, p=2, dim=-1) if normalize else emb
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------
+
+_HF_ATTN_IMPLEMENTATION_TO_BACKEND = {
+    "eager": "eager",
+    "sdpa": "sdpa",
+    "flash_attention_2": "flash_attn",
+    "flash_attention_3": "flash_attn",
+}
+
+# BERT checkpoint keys that have no counterpart in RoPE BERT (absolute positions, pooler, pre-training heads)
+_BERT_DROPPED_PREFIXES = ("embeddings.position_embeddings.", "pooler.", "cls.")
+_BERT_DROPPED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
+
+
+class RopeBertPreTrainedModel(PreTrainedModel):
+    config_class = RopeBertConfig
+    base_model_prefix = "e5rope"  # released E5-RoPE checkpoints may store weights under `e5rope.`
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _no_split_modules = ["RopeBertLayer"]
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
+        # activation checkpointing per layer (non-reentrant, RNG state preserved so dropout masks replay)
+        for module in self.modules():
+            if isinstance(module, RopeBertEncoder):
+                module.gradient_checkpointing = enable
+
+
+class RopeBertModel(RopeBertPreTrainedModel):
+    """RoPE BERT encoder. forward() returns `last_hidden_state` (B, L, C); embed() / encode() give pooled,
+    L2-normalised embeddings."""
+
+    def __init__(self, config: RopeBertConfig):
+        # transformers puts a requested `attn_implementation` on the config before __init__; map it to ours
+        requested = getattr(config, "_attn_implementation_internal", None)
+        super().__init__(config)
+        config.validate_ropebert()
+        if requested is not None and config.attn_backend == "auto":
+            if requested not in _HF_ATTN_IMPLEMENTATION_TO_BACKEND:
+                raise ValueError(
+                    f"attn_implementation={requested!r} is not supported by RopeBertModel; use one of "
+                    f"{sorted(_HF_ATTN_IMPLEMENTATION_TO_BACKEND)} or set config.attn_backend"
+                )
+            config.attn_backend = _HF_ATTN_IMPLEMENTATION_TO_BACKEND[requested]
+        if config.attn_backend != "auto":
+            get_attention_backend(config.attn_backend)  # clear error on an unknown name
+        self.embeddings = RopeBertEmbeddings(config)
+        self.encoder = RopeBertEncoder(config)
+        self._tokenizer = None
+        self._truncation_warned = False
+        self.post_init()
+
+    # -- configuration helpers ------------------------------------------------------------------------------
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    def set_attn_backend(self, name: str) -> None:
+        if name != "auto":
+            get_attention_backend(name)
+        self.config.attn_backend = name
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.hidden_size // self.config.num_attention_heads
+
+    def _rope_fn(self, device: torch.device) -> Callable:
+        impl = self.config.rope_impl
+        if impl == "auto":
+            return ROPE_IMPLS["triton"] if (device.type == "cuda" and "triton" in ROPE_IMPLS) else rope_torch
+        if impl not in ROPE_IMPLS:
+            raise RuntimeError(
+                f"rope_impl={impl!r} is not available here (registered: {sorted(ROPE_IMPLS)}); "
+                "import ropebert.kernels with Triton installed, or use rope_impl='torch'/'auto'"
+            )
+        return ROPE_IMPLS[impl]
+
+    def _compute_dtype(self, device: torch.device) -> torch.dtype:
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.embeddings.word_embeddings.weight.dtype
+
+    # -- forward --------------------------------------------------------------------------------------------
+
+    def _run(self, input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states: bool):
+        """Shared body of forward() and embed(): returns (hidden, all_hidden, ctx, unpad_index)."""
+        if input_ids is None or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a (batch, length) tensor, got {None if input_ids is None else tuple(input_ids.shape)}")
+        B, L = input_ids.shape
+        device = input_ids.device
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        if position_ids is None:
+            # 0..n-1 over the real tokens of each sequence (also right for left-padded batches)
+            position_ids = (mask.long().cumsum(dim=-1) - 1).clamp_(min=0)  # (B, L)
+        elif position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0).expand(B, -1)
+        seqlens = mask.sum(dim=-1, dtype=torch.int32)  # (B,)
+        dropout_p = self.config.attention_probs_dropout_prob if self.training else 0.0
+        backend = resolve_attention_backend(
+            self.config.attn_backend, device, self._compute_dtype(device), needs_dropout=dropout_p > 0
+        )
+        common = dict(
+            inv_freq=rope_inv_freq(self.head_dim, self.config.rope_theta, device),
+            seqlens=seqlens,
+            scale=1.0 / math.sqrt(self.head_dim),
+            dropout_p=dropout_p,
+            rope_fn=self._rope_fn(device),
+        )
+        unpad_index = None
+        if backend.packed:
+            # unpad once per forward: every layer then works on the (T, C) real tokens only
+            unpad_index = mask.flatten().nonzero(as_tuple=False).flatten()  # (T,)
+            input_ids = input_ids.flatten()[unpad_index]
+            token_type_ids = token_type_ids.flatten()[unpad_index]
+            positions = position_ids.flatten()[unpad_index]
+            cu_seqlens = F.pad(seqlens.cumsum(0, dtype=torch.int32), (1, 0))
+            ctx = AttentionContext(
+                packed=True, positions=positions, cu_seqlens=cu_seqlens, max_seqlen=int(seqlens.max()), **common
+            )
+        else:
+            ctx = AttentionContext(
+                packed=False, positions=position_ids, attention_mask=mask, has_padding=not bool(mask.all()), **common
+            )
+        x = self.embeddings(input_ids, token_type_ids)  # (B, L, C) or (T, C)
+        x, all_hidden = self.encoder(x, ctx, backend, output_hidden_states)
+        return x, all_hidden, ctx, unpad_index, (B, L)
+
+    @staticmethod
+    def _repad(x: torch.Tensor, unpad_index: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        B, L = shape
+        out = x.new_zeros(B * L, x.shape[-1])
+        out[unpad_index] = x
+        return out.view(B, L, -1)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        token_type_ids: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ):
+        if output_attentions:
+            raise ValueError("RopeBertModel does not return attention probabilities (fused backends never form them)")
+        x, all_hidden, ctx, unpad_index, shape = self._run(
+            input_ids, attention_mask, token_type_ids, position_ids, bool(output_hidden_states)
+        )
+        if unpad_index is not None:
+            x = self._repad(x, unpad_index, shape)
+            if all_hidden is not None:
+                all_hidden = [self._repad(h, unpad_index, shape) for h in all_hidden]
+        out = BaseModelOutput(last_hidden_state=x, hidden_states=tuple(all_hidden) if all_hidden is not None else None)
+        return out if return_dict is not False else out.to_tuple()
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        token_type_ids: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        normalize: bool = True,
+    ) -> torch.Tensor:
+        """Pooled embeddings (B, C) fp32: masked mean (+ L2 norm). Pools packed tokens directly, no re-pad."""
+        x, _, ctx, unpad_index, _ = self._run(input_ids, attention_mask, token_type_ids, position_ids, False)
+        if unpad_index is not None:
+            return packed_mean_pool(x, ctx.seqlens, normalize)
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        return mean_pool(x, mask, normalize)
+
+    # -- text convenience -----------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            src = getattr(self, "name_or_path", None) or getattr(self.config, "_name_or_path", None)
+            if not src or not os.path.isdir(str(src)):
+                raise ValueError(
+                    "RopeBertModel.encode needs a tokenizer: pass tokenizer=..., set model.tokenizer, or load the "
+                    "model from a directory that holds tokenizer files"
+                )
+            from transformers import AutoTokenizer
+
+            # passing our config keeps AutoTokenizer from re-resolving (and asking to trust) the model code
+            self._tokenizer = AutoTokenizer.from_pretrained(str(src), config=self.config)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tok):
+        self._tokenizer = tok
+
+    def tokenize(self, texts: Sequence[str], tokenizer=None, prefix: str = "", max_length: Optional[int] = None):
+        """Token id lists (with special tokens), truncated to max_length (default max_position_embeddings).
+
+        Returns (ids_list, n_truncated). Truncation keeps the final special token ([SEP]).
+        """
+        tok = tokenizer if tokenizer is not None else self.tokenizer
+        if max_length is None:
+            max_length = int(self.config.max_position_embeddings)
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        enc = tok([prefix + t for t in texts], add_special_tokens=True, truncation=False, verbose=False)
+        sep = getattr(tok, "sep_token_id", None)
+        ids_list, n_trunc = [], 0
+        for ids in enc["input_ids"]:
+            if len(ids) > max_length:
+                n_trunc += 1
+                ids = ids[: max_length - 1] + [ids[-1]] if (sep is not None and ids[-1] == sep) else ids[:max_length]
+            ids_list.append(ids)
+        return ids_list, n_trunc
+
+    @torch.no_grad()
+    def encode(
+        self,
+        texts: Sequence[str] | str,
+        tokenizer=None,
+        *,
+        prefix: str = "",
+        batch_size: int = 32,
+        max_length: Optional[int] = None,
+        max_tokens: Optional[int] = None,
+        normalize: bool = True,
+        device=None,
+        show_progress_bar: bool = False,
+    ) -> torch.Tensor:
+        """Embed texts: tokenise (with `prefix`, e.g. "query: " / "passage: "), batch by length, mean-pool,
+        L2-normalise. Returns (N, C) fp32 on CPU in input order.
+
+        max_length: truncation length in tokens (default config.max_position_embeddings); the number of
+            truncated texts is logged once per call. Pass a larger value for long-context use.
+        max_tokens: optional token budget per batch (batch_size * padded_length <= max_tokens), bounding
+            memory for long inputs.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        if len(texts) == 0:
+            raise ValueError("encode() got an empty list of texts")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"encode() texts[{i}] is {type(t).__name__}, expected str")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        ml = int(self.config.max_position_embeddings) if max_length is None else int(max_length)
+        ids_list, n_trunc = self.tokenize(texts, tokenizer, prefix, ml)
+        if n_trunc:
+            logger.warning(
+                "encode: truncated %d of %d texts to max_length=%d tokens (pass max_length=... to change)",
+                n_trunc, len(texts), ml,
+            )
+        device = torch.device(device) if device is not None else next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        order = sorted(range(len(ids_list)), key=lambda i: -len(ids_list[i]))
+        batches, cur = [], []
+        for i in order:
+            longest = len(ids_list[cur[0]]) if cur else len(ids_list[i])
+            if cur and (len(cur) >= batch_size or (max_tokens and (len(cur) + 1) * longest > max_tokens)):
+                batches.append(cur)
+                cur = []
+            cur.append(i)
+        if cur:
+            batches.append(cur)
+        pad_id = self.config.pad_token_id or 0
+        out = torch.empty(len(texts), self.config.hidden_size, dtype=torch.float32)
+        it = batches
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+
+            it = tqdm(batches, desc="encode", unit="batch")
+        try:
+            for idx in it:
+                n = max(len(ids_list[i]) for i in idx)
+                input_ids = torch.full((len(idx), n), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(idx), n), dtype=torch.long)
+                for r, i in enumerate(idx):
+                    ids = ids_list[i]
+                    input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                    mask[r, : len(ids)] = 1
+                emb = self.embed(input_ids.to(device), mask.to(device), normalize=normalize)
+                out[torch.tensor(idx)] = emb.float().cpu()
+        finally:
+            self.train(was_training)
+        return out
+
+    # -- conversion from BERT -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_bert(cls, path_or_model, rope_theta: float = 10000.0, **config_overrides) -> "RopeBertModel":
+        """Build a RoPE BERT from an HF BERT checkpoint (directory or BertModel): copies every weight except the
+        absolute position table and the pooler (and pre-training heads), keeping BERT weight names."""
+        if isinstance(path_or_model, PreTrainedModel):
+            bert_cfg = path_or_model.config.to_dict()
+            state = path_or_model.state_dict()
+            src = type(path_or_model).__name__
+            src_dir = getattr(path_or_model, "name_or_path", None)
+        elif isinstance(path_or_model, (str, os.PathLike)):
+            src_dir = src = os.fspath(path_or_model)
+            cfg_path = os.path.join(src, "config.json")
+            if not os.path.isfile(cfg_path):
+                raise FileNotFoundError(f"from_bert: no config.json in {src!r}")
+            with open(cfg_path, encoding="utf-8") as f:
+                bert_cfg = json.load(f)
+            state = None  # loaded after the config is known to be a BERT's
+        else:
+            raise TypeError(f"from_bert expects a path or a transformers BertModel, got {type(path_or_model).__name__}")
+
+        model_type = bert_cfg.get("model_type")
+        if model_type != "bert":
+            raise ValueError(f"from_bert: {src} is not a BERT checkpoint (config model_type={model_type!r}, expected 'bert')")
+        pet = bert_cfg.get("position_embedding_type", "absolute")
+        if pet != "absolute":
+            raise ValueError(f"from_bert: {src} uses position_embedding_type={pet!r}; only absolute-position BERTs convert")
+        keys = (
+            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+            "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
+            "initializer_range", "layer_norm_eps", "pad_token_id",
+        )
+        cfg_kwargs = {k: bert_cfg[k] for k in keys if k in bert_cfg}
+        cfg_kwargs.update(config_overrides)
+        config = RopeBertConfig(rope_theta=rope_theta, **cfg_kwargs)
+        if state is None:
+            state = _load_state_dict_from_dir(src)
+
+        converted, dropped = {}, []
+        for k, v in state.items():
+            name = k[len("bert."):] if k.startswith("bert.") else k
+            if name in _BERT_DROPPED_KEYS or name.startswith(_BERT_DROPPED_PREFIXES):
+                dropped.append(k)
+                continue
+            converted[name] = v
+        model = cls(config)
+        missing, unexpected = model.load_state_dict(converted, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"from_bert: {src} does not match the BERT layout: missing={sorted(missing)[:8]} "
+                f"unexpected={sorted(unexpected)[:8]}"
+            )
+        if not any(k.endswith("position_embeddings.weight") for k in dropped):
+            raise ValueError(f"from_bert: {src} has no absolute position table; is it really an APE BERT?")
+        logger.info("from_bert: dropped %d BERT tensors (position table, pooler, heads): %s", len(dropped), dropped)
+        if src_dir and os.path.isdir(str(src_dir)):
+            model.name_or_path = str(src_dir)
+        return model
+
+
+def _load_state_dict_from_dir(path: str) -> dict[str, torch.Tensor]:
+    """Load model weights from an HF directory: model.safetensors (sharded or not) or pytorch_model.bin."""
+    from safetensors.torch import load_file
+
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return load_file(single)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        state = {}
+        for fn in files:
+            state.update(load_file(os.path.join(path, fn)))
+        return state
+    binf = os.path.join(path, "pytorch_model.bin")
+    if os.path.isfile(binf):
+        return torch.load(binf, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no model.safetensors, model.safetensors.index.json or pytorch_model.bin in {path!r}")

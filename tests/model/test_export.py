@@ -1,0 +1,139 @@
+"""`ropebert export`: the exported directory works with plain transformers / sentence-transformers in a fresh
+process that cannot import ropebert, and gives the in-memory model's embeddings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from ropebert.model import RopeBertModel
+from ropebert.model.export import check_exported_source, export_model, load_source
+
+SHORT = "query: how do rotary position embeddings extend the context of a text encoder?"
+
+# Runs in a fresh interpreter; any attempt to import ropebert (or an optional GPU package) fails loudly.
+FRESH = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "ropebert":
+                raise ImportError("blocked in this test: " + name)
+    sys.meta_path.insert(0, Block())
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+    from sentence_transformers import SentenceTransformer
+    d, texts_file, out_file = sys.argv[1:4]
+    texts = json.load(open(texts_file))
+    tok = AutoTokenizer.from_pretrained(d, trust_remote_code=True)
+    model = AutoModel.from_pretrained(d, trust_remote_code=True).eval()
+    res = {"hf": [], "st": [], "n_tokens": []}
+    for t in texts:
+        b = tok([t], return_tensors="pt", truncation=False)
+        res["n_tokens"].append(int(b["input_ids"].shape[1]))
+        with torch.no_grad():
+            h = model(**b).last_hidden_state
+        m = b["attention_mask"][..., None].float()
+        e = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+        res["hf"].append(e[0].tolist())
+    st = SentenceTransformer(d, trust_remote_code=True, device="cpu")
+    st.max_seq_length = 4096
+    res["st"] = st.encode(texts, convert_to_numpy=True, batch_size=1).tolist()
+    res["ropebert_imported"] = any(k.split(".")[0] == "ropebert" for k in sys.modules)
+    res["gpu_pkg_imported"] = any(k.split(".")[0] in ("flash_attn", "xformers") for k in sys.modules)
+    res["theta"] = model.config.rope_theta
+    json.dump(res, open(out_file, "w"))
+    """
+)
+
+
+def run_fresh(export_dir: Path, texts: list[str], tmp_path: Path) -> dict:
+    script = tmp_path / "fresh.py"
+    script.write_text(FRESH)
+    tf, of = tmp_path / "texts.json", tmp_path / "out.json"
+    tf.write_text(json.dumps(texts))
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    r = subprocess.run(
+        [sys.executable, "-I", str(script), str(export_dir), str(tf), str(of)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(of.read_text())
+
+
+@pytest.fixture(scope="module")
+def exported(minilm_dir, tmp_path_factory):
+    model = RopeBertModel.from_bert(str(minilm_dir)).eval()
+    out = tmp_path_factory.mktemp("export") / "minilm-rope"
+    export_model(model, out)
+    return model, out
+
+
+def test_export_directory_layout(exported):
+    model, out = exported
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["auto_map"] == {
+        "AutoConfig": "configuration_ropebert.RopeBertConfig",
+        "AutoModel": "modeling_ropebert.RopeBertModel",
+    }
+    assert cfg["rope_theta"] == 10000.0 and cfg["model_type"] == "ropebert"
+    assert (out / "model.safetensors").is_file()
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert keys == set(model.state_dict())
+    assert "encoder.layer.0.attention.self.query.weight" in keys and "embeddings.word_embeddings.weight" in keys
+    for name in ("tokenizer.json", "modules.json", "1_Pooling/config.json", "config_sentence_transformers.json"):
+        assert (out / name).is_file(), name
+    st_cfg = json.loads((out / "config_sentence_transformers.json").read_text())
+    assert st_cfg["prompts"] == {"query": "query: ", "passage": "passage: "}
+    pooling = json.loads((out / "1_Pooling/config.json").read_text())
+    assert pooling["pooling_mode_mean_tokens"] and not pooling["pooling_mode_cls_token"]
+    # the modeling code is the package's own file, byte for byte, and self-contained
+    src = Path(__import__("ropebert.model", fromlist=["x"]).__file__).parent
+    for name in ("modeling_ropebert.py", "configuration_ropebert.py"):
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+        check_exported_source(out / name)
+
+
+def test_fresh_process_matches_in_memory_model(exported, tmp_path):
+    model, out = exported
+    long_text = "passage: " + " ".join(
+        f"Paragraph {i}: rotary embeddings encode relative position through rotations of query and key pairs."
+        for i in range(120)
+    )
+    texts = [SHORT, long_text]
+    res = run_fresh(out, texts, tmp_path)
+    assert res["ropebert_imported"] is False and res["gpu_pkg_imported"] is False
+    assert res["n_tokens"][0] < 40 and 1800 <= res["n_tokens"][1] <= 2600, res["n_tokens"]
+    ref = model.encode(texts, max_length=4096)
+    for key in ("hf", "st"):
+        got = torch.tensor(res[key])
+        assert (got - ref).abs().max().item() <= 1e-5, key
+
+
+def test_check_exported_source_rejects_ropebert_import(tmp_path):
+    bad = tmp_path / "modeling_x.py"
+    bad.write_text("import torch\ndef f():\n    from ropebert.kernels import rope\n")
+    with pytest.raises(RuntimeError, match=r"modeling_x.py:3: .* must not import 'ropebert.kernels'"):
+        check_exported_source(bad)
+
+
+def test_export_cli_roundtrip_and_errors(minilm_dir, tmp_path):
+    from ropebert.cli import main
+
+    out = tmp_path / "out"
+    assert main(["export", str(minilm_dir), "--out", str(out), "--rope-theta", "20000"]) == 0
+    m = load_source(str(out))
+    assert isinstance(m, RopeBertModel) and m.config.rope_theta == 20000.0
+    assert main(["export", str(minilm_dir), "--out", str(out)]) == 1  # not empty, no --overwrite
+    assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")]) == 1
+    assert main(["nosuchcommand"]) == 2

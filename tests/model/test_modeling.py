@@ -1,0 +1,289 @@
+"""RopeBertModel semantics: a hand-written fp64 reference, backend parity, conversion, bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ropebert.model import RopeBertConfig, RopeBertModel, mean_pool
+from ropebert.model.modeling_ropebert import ATTENTION_BACKENDS
+
+from ..conftest import padded_batch, tiny_config
+
+
+def reference_forward(model: RopeBertModel, input_ids, attention_mask):
+    """E5-RoPE semantics written out by hand from the weights, in float64, independent of the model code."""
+    cfg = model.config
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    B, L = input_ids.shape
+    C, H = cfg.hidden_size, cfg.num_attention_heads
+    D = C // H
+    eps = cfg.layer_norm_eps
+
+    def ln(x, p):
+        return F.layer_norm(x, (C,), sd[p + ".weight"], sd[p + ".bias"], eps)
+
+    def lin(x, p):
+        return x @ sd[p + ".weight"].T + sd[p + ".bias"]
+
+    x = sd["embeddings.word_embeddings.weight"][input_ids] + sd["embeddings.token_type_embeddings.weight"][0]
+    x = ln(x, "embeddings.LayerNorm")
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))  # (D/2,)
+    ang = torch.arange(L, dtype=torch.float64)[:, None] * inv_freq[None]  # (L, D/2)
+    cos, sin = ang.cos(), ang.sin()
+
+    def rot(t):  # (B, H, L, D): dim i pairs with dim i + D/2
+        a, b = t[..., : D // 2], t[..., D // 2 :]
+        return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+
+    keymask = attention_mask.bool()[:, None, None, :]
+    for i in range(cfg.num_hidden_layers):
+        p = f"encoder.layer.{i}."
+        q, k, v = (lin(x, p + "attention.self." + n).view(B, L, H, D).transpose(1, 2) for n in ("query", "key", "value"))
+        s = rot(q) @ rot(k).transpose(-1, -2) / math.sqrt(D)
+        s = s.masked_fill(~keymask, float("-inf"))
+        a = (s.softmax(-1) @ v).transpose(1, 2).reshape(B, L, C)
+        x = ln(x + lin(a, p + "attention.output.dense"), p + "attention.output.LayerNorm")
+        hmid = lin(x, p + "intermediate.dense")
+        hmid = 0.5 * hmid * (1.0 + torch.erf(hmid / math.sqrt(2.0)))  # exact GELU
+        x = ln(x + lin(hmid, p + "output.dense"), p + "output.LayerNorm")
+    return x
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "sdpa_packed"])
+def test_matches_hand_written_reference(backend):
+    torch.manual_seed(0)
+    model = RopeBertModel(tiny_config(attn_backend=backend)).eval()
+    ids, mask = padded_batch([13, 7, 1, 10])
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask).last_hidden_state
+    ref = reference_forward(model, ids, mask)
+    m = mask.bool()
+    assert (out[m].double() - ref[m]).abs().max().item() < 1e-5
+
+
+def test_backends_agree_on_converted_minilm(minilm_dir):
+    model = RopeBertModel.from_bert(str(minilm_dir)).eval()
+    ids, mask = padded_batch([37, 5, 64, 20, 2], vocab=30000, seed=1)
+    outs = {}
+    for name in ("eager", "sdpa", "sdpa_packed"):
+        model.set_attn_backend(name)
+        with torch.no_grad():
+            outs[name] = model(ids, attention_mask=mask).last_hidden_state
+    m = mask.bool()
+    for name in ("sdpa", "sdpa_packed"):
+        assert (outs[name][m] - outs["eager"][m]).abs().max().item() < 1e-5, name
+    # and the eager path equals the hand-written fp64 semantics on the real weights
+    ref = reference_forward(model, ids, mask)
+    assert (outs["eager"][m].double() - ref[m]).abs().max().item() < 1e-4
+
+
+def test_converted_minilm_has_no_position_table_and_keeps_bert_weights(minilm_dir):
+    from safetensors.torch import load_file
+
+    model = RopeBertModel.from_bert(str(minilm_dir))
+    names = set(model.state_dict())
+    assert not any("position" in n for n in names)
+    assert not any(n.startswith("pooler") for n in names)
+    bert = load_file(str(minilm_dir / "model.safetensors"))
+    bert = {k.removeprefix("bert."): v for k, v in bert.items()}
+    dropped = set(bert) - names
+    assert dropped == {"embeddings.position_ids", "embeddings.position_embeddings.weight",
+                       "pooler.dense.weight", "pooler.dense.bias"}
+    assert names <= set(bert)
+    for n in names:
+        assert torch.equal(model.state_dict()[n], bert[n]), n
+    assert model.config.rope_theta == 10000.0 and model.config.hidden_act == "gelu"
+
+
+def test_rotate_half_pairing_and_inv_freq():
+    from ropebert.model import apply_rotary, rope_cos_sin, rope_inv_freq
+
+    D = 8
+    inv = rope_inv_freq(D, 10000.0)
+    assert torch.allclose(inv, 1.0 / 10000.0 ** (torch.arange(0, D, 2).float() / D))
+    x = torch.zeros(1, 1, D)
+    x[..., 0] = 1.0  # unit vector on dim 0 rotates into dim 0 + D/2 (rotate-half), not dim 1 (interleaved)
+    cos, sin = rope_cos_sin(torch.tensor([1.0]), inv)
+    y = apply_rotary(x, cos[:, None], sin[:, None])
+    assert torch.allclose(y[0, 0, 0], torch.cos(torch.tensor(1.0)))
+    assert torch.allclose(y[0, 0, D // 2], torch.sin(torch.tensor(1.0)))
+    assert y[0, 0, 1].item() == 0.0
+
+
+def test_relative_position_invariance():
+    """Scores depend on relative positions only: shifting all positions leaves the output unchanged."""
+    torch.manual_seed(0)
+    model = RopeBertModel(tiny_config()).eval()
+    ids, mask = padded_batch([12])
+    pos = torch.arange(12)[None]
+    with torch.no_grad():
+        a = model(ids, mask, position_ids=pos).last_hidden_state
+        b = model(ids, mask, position_ids=pos + 1000).last_hidden_state
+    assert (a - b).abs().max().item() < 1e-4
+
+
+def test_padding_does_not_change_real_tokens(tiny_model):
+    ids, mask = padded_batch([9, 4])
+    with torch.no_grad():
+        full = tiny_model(ids, mask).last_hidden_state
+        alone = tiny_model(ids[1:, :4], mask[1:, :4]).last_hidden_state
+    assert (full[1, :4] - alone[0]).abs().max().item() < 1e-5
+
+
+def test_embed_matches_mean_pool_for_every_backend(tiny_model):
+    ids, mask = padded_batch([11, 3, 8])
+    with torch.no_grad():
+        ref = mean_pool(tiny_model(ids, mask).last_hidden_state, mask)
+        for name in ("eager", "sdpa", "sdpa_packed"):
+            tiny_model.set_attn_backend(name)
+            e = tiny_model.embed(ids, mask)
+            assert (e - ref).abs().max().item() < 1e-5, name
+            assert torch.allclose(e.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+def test_accepts_any_length_beyond_max_position_embeddings(tiny_model):
+    ids, mask = padded_batch([200], seed=3)  # max_position_embeddings is 64
+    with torch.no_grad():
+        out = tiny_model(ids, mask).last_hidden_state
+    assert out.shape == (1, 200, 32) and torch.isfinite(out).all()
+
+
+def test_hidden_states_and_tuple_output(tiny_model):
+    ids, mask = padded_batch([5, 3])
+    for name in ("sdpa", "sdpa_packed"):
+        tiny_model.set_attn_backend(name)
+        out = tiny_model(ids, mask, output_hidden_states=True)
+        assert len(out.hidden_states) == 3 and out.hidden_states[-1].shape == (2, 5, 32)
+        assert torch.equal(out.hidden_states[-1], out.last_hidden_state)
+    assert isinstance(tiny_model(ids, mask, return_dict=False), tuple)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    model = RopeBertModel(tiny_config()).train()
+    ids, mask = padded_batch([7, 5])
+    model.embed(ids, mask).sum().backward()
+    g1 = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    assert model.encoder.gradient_checkpointing
+    model.embed(ids, mask).sum().backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, g1[n], atol=1e-6), n
+
+
+def test_attn_implementation_is_mapped(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path)
+    for impl in ("eager", "sdpa"):
+        m = RopeBertModel.from_pretrained(tmp_path, attn_implementation=impl)
+        assert m.config.attn_backend == impl
+    assert RopeBertModel.from_pretrained(tmp_path).config.attn_backend == "auto"
+
+
+def test_loads_e5rope_layout_with_prefix(tmp_path):
+    """A checkpoint in the released E5-RoPE layout: BERT weight names under `e5rope.`, config with rope_theta."""
+    from safetensors.torch import save_file
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    bcfg = BertConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=64)
+    bert = BertModel(bcfg, add_pooling_layer=False)
+    sd = {
+        "e5rope." + k: v.contiguous()
+        for k, v in bert.state_dict().items()
+        if "position" not in k and "token_type_ids" not in k
+    }
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    cfg = bcfg.to_dict()
+    cfg.pop("position_embedding_type", None)
+    cfg.update(model_type="ropebert", rope_theta=20000.0, architectures=["E5RopeModel"])
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model = RopeBertModel.from_pretrained(tmp_path)
+    assert model.config.rope_theta == 20000.0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd["e5rope." + k]), k
+
+
+def test_bad_input_errors(tmp_path, tiny_model, minilm_dir):
+    with pytest.raises(ValueError, match="Unknown attention backend 'nope'"):
+        RopeBertModel(tiny_config(attn_backend="nope"))
+    with pytest.raises(ValueError, match="Unknown attention backend"):
+        tiny_model.set_attn_backend("flashy")
+    for theta in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="rope_theta must be a finite number > 0"):
+            tiny_config(rope_theta=theta)
+    with pytest.raises(ValueError, match="rope_theta"):
+        RopeBertModel.from_bert(str(minilm_dir), rope_theta=0.0)
+    with pytest.raises(ValueError, match="empty list"):
+        tiny_model.encode([], tokenizer=object())
+    # a non-BERT checkpoint
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 8}))
+    with pytest.raises(ValueError, match="is not a BERT checkpoint.*gpt2"):
+        RopeBertModel.from_bert(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        RopeBertModel.from_bert(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="does not return attention"):
+        tiny_model(torch.ones(1, 3, dtype=torch.long), output_attentions=True)
+
+
+def test_cuda_backends_need_cuda(tiny_model):
+    ids, mask = padded_batch([4])
+    if torch.cuda.is_available():
+        pytest.skip("this test checks the CPU error path")
+    tiny_model.set_attn_backend("varlen")
+    with pytest.raises(RuntimeError, match="cannot run on device=cpu"):
+        tiny_model(ids, mask)
+    assert "varlen" in ATTENTION_BACKENDS
+
+
+def test_encode_truncates_and_says_so_once(minilm_dir, caplog):
+    from transformers import AutoTokenizer
+
+    model = RopeBertModel.from_bert(str(minilm_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir))
+    long_text = "word " * 700
+    texts = [long_text, "short text", long_text + " more"]
+    with caplog.at_level(logging.WARNING):
+        emb = model.encode(texts, tok, prefix="passage: ", batch_size=2)
+    msgs = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert msgs == ["encode: truncated 2 of 3 texts to max_length=512 tokens (pass max_length=... to change)"]
+    assert emb.shape == (3, 384) and torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
+    # order is preserved and equals a direct forward of the truncated ids
+    ids, _ = model.tokenize(texts, tok, "passage: ", 512)
+    assert [len(x) for x in ids] == [512, len(ids[1]), 512] and ids[0][-1] == tok.sep_token_id
+    with torch.no_grad():
+        direct = model.embed(torch.tensor([ids[1]]))
+    assert (emb[1] - direct[0]).abs().max().item() < 1e-5
+    # longer max_length: no truncation, no message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        model.encode([long_text], tok, max_length=1024)
+    assert not [r for r in caplog.records if "truncated" in r.getMessage()]
+
+
+def test_encode_token_budget_batches_give_same_result(tiny_model):
+    class Tok:  # a minimal tokenizer: one id per character
+        sep_token_id = 2
+
+        def __call__(self, texts, **kw):
+            return {"input_ids": [[1] + [3 + (ord(c) % 90) for c in t] + [2] for t in texts]}
+
+    texts = ["a" * n for n in (3, 40, 17, 5, 60)]
+    a = tiny_model.encode(texts, Tok(), batch_size=8)
+    b = tiny_model.encode(texts, Tok(), batch_size=8, max_tokens=64)
+    assert (a - b).abs().max().item() < 1e-5
+
+
+def test_config_validation_on_construct():
+    with pytest.raises(ValueError, match="head_dim"):
+        RopeBertConfig(hidden_size=12, num_attention_heads=4)
+    with pytest.raises(ValueError, match="rope_impl"):
+        RopeBertConfig(rope_impl="cuda")
