@@ -139,15 +139,17 @@ def sdpa_attention(q, k, v, ctx: AttentionContext):
 
 def sdpa_packed_attention(q, k, v, ctx: AttentionContext):
     """Packed tokens, one SDPA call per sequence. Runs anywhere; the CPU reference for the varlen path."""
-    out = torch.empty_like(q)  # (T, H, D)
-    cu = ctx.cu_seqlens.tolist()
-    for s, e in zip(cu[:-1], cu[1:]):
-        if e == s:
+    lens = ctx.seqlens.tolist()
+    outs = []
+    for qs, ks, vs in zip(q.split(lens), k.split(lens), v.split(lens)):  # each (n, H, D)
+        if qs.shape[0] == 0:
             continue
-        qs, ks, vs = (t[s:e].transpose(0, 1)[None] for t in (q, k, v))  # (1, H, n, D)
-        o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=ctx.dropout_p, scale=ctx.scale)
-        out[s:e] = o[0].transpose(0, 1)
-    return out
+        o = F.scaled_dot_product_attention(  # 4-D (1, H, n, D) so CPU/GPU fused kernels apply
+            qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
+            dropout_p=ctx.dropout_p, scale=ctx.scale,
+        )
+        outs.append(o[0].transpose(0, 1))  # (n, H, D)
+    return torch.cat(outs, dim=0) if outs else torch.empty_like(q)  # (T, H, D)
 
 
 def varlen_attention(q, k, v, ctx: AttentionContext):
@@ -224,8 +226,16 @@ def get_attention_backend(name: str) -> AttentionBackend:
     return ATTENTION_BACKENDS[name]
 
 
-def resolve_attention_backend(name: str, device: torch.device, dtype: torch.dtype, needs_dropout: bool) -> AttentionBackend:
-    """Pick the backend for one forward. 'auto' takes the first available of AUTO_PREFERENCE."""
+# on CPU, "auto" unpads (sdpa_packed) when at least this fraction of the padded batch is padding: the linear
+# layers then run on real tokens only, which outweighs the per-sequence attention calls
+CPU_PACKED_MIN_PADDING = 0.2
+
+
+def resolve_attention_backend(
+    name: str, device: torch.device, dtype: torch.dtype, needs_dropout: bool, padding_fraction: float = 0.0
+) -> AttentionBackend:
+    """Pick the backend for one forward. 'auto' takes the first available of AUTO_PREFERENCE (CUDA), and on
+    CPU sdpa_packed for batches with much padding, else sdpa."""
     if name != "auto":
         backend = get_attention_backend(name)
         if not backend.is_available(device, dtype):
@@ -236,6 +246,8 @@ def resolve_attention_backend(name: str, device: torch.device, dtype: torch.dtyp
                 "for training with it, or choose 'sdpa' / 'auto'"
             )
         return backend
+    if device.type == "cpu":
+        return ATTENTION_BACKENDS["sdpa_packed" if padding_fraction >= CPU_PACKED_MIN_PADDING else "sdpa"]
     for cand in AUTO_PREFERENCE:
         backend = ATTENTION_BACKENDS.get(cand)
         if backend is None or (needs_dropout and not backend.supports_dropout):
@@ -492,8 +504,11 @@ class RopeBertModel(RopeBertPreTrainedModel):
             position_ids = position_ids.unsqueeze(0).expand(B, -1)
         seqlens = mask.sum(dim=-1, dtype=torch.int32)  # (B,)
         dropout_p = self.config.attention_probs_dropout_prob if self.training else 0.0
+        padding_fraction = 0.0
+        if device.type == "cpu" and self.config.attn_backend == "auto":
+            padding_fraction = 1.0 - float(seqlens.sum()) / max(1, B * L)
         backend = resolve_attention_backend(
-            self.config.attn_backend, device, self._compute_dtype(device), needs_dropout=dropout_p > 0
+            self.config.attn_backend, device, self._compute_dtype(device), dropout_p > 0, padding_fraction
         )
         common = dict(
             inv_freq=rope_inv_freq(self.head_dim, self.config.rope_theta, device),
