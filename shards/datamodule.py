@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -26,6 +26,10 @@ from .format import load_manifest, manifest_hash, read_shard, shard_path
 from .plan import EpochPlan, consumed_by_worker, logical_worker, make_plan, slot_segments, within_shard_order
 
 logger = logging.getLogger(__name__)
+
+# Lightning warns that an IterableDataset with a length may yield duplicates with several workers; here every
+# worker reads its own slot of the plan and the length is exact.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 
 def load_fast_tokenizer(path: str):
@@ -140,6 +144,14 @@ class ShardDataLoader(DataLoader):
 
     def __len__(self) -> int:
         return self._dm.batches_per_rank
+
+    # Lightning treats loaders with state_dict/load_state_dict as resumable (and warns otherwise). The cursor
+    # itself travels in the DataModule's state (restored before the loader is built); this copy is informative.
+    def state_dict(self) -> dict:
+        return {"cursor": self._dm.cursor()}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def __iter__(self):
         epoch, start = self._dm._begin_epoch()
