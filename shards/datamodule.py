@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -51,10 +52,11 @@ class BatchCollator:
         self.max_query_length, self.max_passage_length = max_query_length, max_passage_length
         self.query_prefix, self.passage_prefix = query_prefix, passage_prefix
         self._tok = None
+        self._backends: dict = {}
 
     def __getstate__(self):  # workers load their own tokenizer
         d = dict(self.__dict__)
-        d["_tok"] = None
+        d["_tok"], d["_backends"] = None, {}
         return d
 
     @property
@@ -63,10 +65,24 @@ class BatchCollator:
             self._tok = load_fast_tokenizer(self.tokenizer_path)
         return self._tok
 
+    def _backend(self, max_length: int):
+        """A private copy of the Rust tokenizer with truncation to max_length and pad-to-longest enabled."""
+        if max_length not in self._backends:
+            from tokenizers import Tokenizer
+
+            bt = Tokenizer.from_str(self.tok.backend_tokenizer.to_str())
+            bt.enable_truncation(max_length=max_length)
+            bt.enable_padding(pad_id=self.tok.pad_token_id, pad_token=self.tok.pad_token)
+            self._backends[max_length] = bt
+        return self._backends[max_length]
+
     def _encode(self, texts: list[str], prefix: str, max_length: int) -> dict:
-        enc = self.tok([prefix + t for t in texts], padding="longest", truncation=True, max_length=max_length,
-                       return_tensors="pt", return_token_type_ids=False)
-        return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}  # (B, L)
+        # the Rust tokenizer directly: the same ids as tokenizer(..., padding="longest", truncation=True), without
+        # transformers' slow list -> tensor conversion
+        encs = self._backend(max_length).encode_batch([prefix + t for t in texts], add_special_tokens=True)
+        ids = torch.from_numpy(np.array([e.ids for e in encs], dtype=np.int64))  # (B, L)
+        mask = torch.from_numpy(np.array([e.attention_mask for e in encs], dtype=np.int64))  # (B, L)
+        return {"input_ids": ids, "attention_mask": mask}
 
     def __call__(self, samples: list[tuple[str, dict, str]]) -> dict:
         keys = [k for k, _, _ in samples]

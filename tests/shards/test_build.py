@@ -169,3 +169,16 @@ def test_cli_usage_errors(tmp_path, capsys):
     assert "no manifest.json" in capsys.readouterr().err
     assert cli(["shards", "build", "--format", "jsonl", "--input", str(tmp_path / "nope.jsonl"), "--out",
                 str(tmp_path / "o")]) == 1
+
+
+def test_hf_datasets_source(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = _good_rows(9)
+    rows[3]["q"] = ""
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    args = ["shards", "build", "--input", str(tmp_path / "ds"), "--format", "hf", "--query-field", "q",
+            "--passage-field", "p", "--key-field", "id", "--no-progress", "--on-error", "skip", "--out", str(tmp_path / "o")]
+    assert cli(args) == 0
+    m = load_manifest(tmp_path / "o")
+    assert m["total_samples"] == 8 and m["skipped"]["by_reason"] == {"empty or whitespace-only text": 1}
+    assert m["skipped"]["examples"][0].startswith(f"{tmp_path / 'ds'}[train]:row 4")

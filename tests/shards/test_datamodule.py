@@ -169,3 +169,17 @@ def test_lightning_fit_resume_is_exact(pair_shards, minilm_dir, tmp_path):
         assert [dedup[key] for key in sorted(dedup)] == full.seen
     full_log = [json.loads(x)["keys"] for x in (tmp_path / "log_full" / "rank-0.jsonl").read_text().splitlines()]
     assert full_log == full.seen
+
+
+def test_collator_matches_transformers_tokenizer(minilm_dir):
+    from transformers import AutoTokenizer
+
+    from ropebert.shards.datamodule import BatchCollator
+
+    texts = ["short", "a much longer passage " * 20, "Ünïcödé text — with punctuation!"]
+    col = BatchCollator(str(minilm_dir), "pairs", 7, 8, 24, "query: ", "passage: ")
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir))
+    for prefix, L in (("query: ", 8), ("passage: ", 24)):
+        got = col._encode(texts, prefix, L)
+        ref = tok([prefix + t for t in texts], padding="longest", truncation=True, max_length=L, return_tensors="pt")
+        assert torch.equal(got["input_ids"], ref["input_ids"]) and torch.equal(got["attention_mask"], ref["attention_mask"])
