@@ -175,6 +175,13 @@ class ShardDataLoader(DataLoader):
         return self._dm._track(epoch, start, super().__iter__())
 
 
+class _FixedLenLoader(DataLoader):
+    """Validation loader: the plan of epoch 0 (fixed order), len = its batches per rank."""
+
+    def __len__(self) -> int:
+        return self.dataset.plan(0).batches_per_rank
+
+
 class ShardDataModule(L.LightningDataModule):
     """Streams ropebert shards (manifest.json + tar shards) with an exactly-once, resumable plan.
 
@@ -203,6 +210,7 @@ class ShardDataModule(L.LightningDataModule):
         allow_replan: bool = False,
         pin_memory: bool = False,
         prefetch_factor: int = 4,
+        val_dir: Optional[str] = None,
     ):
         """
         Args:
@@ -226,6 +234,8 @@ class ShardDataModule(L.LightningDataModule):
                 the change) instead of raising.
             pin_memory: DataLoader pin_memory (for CUDA).
             prefetch_factor: batches prefetched per worker (num_workers > 0).
+            val_dir: optional shard directory for `val_dataloader()`: the same kind of batches in a fixed order
+                (the plan of epoch 0 with this seed), the same number per rank; no cursor, no sample log.
         """
         super().__init__()
         if kind not in ("pairs", "hard_negatives"):
@@ -245,6 +255,8 @@ class ShardDataModule(L.LightningDataModule):
         self.query_prefix, self.passage_prefix = query_prefix, passage_prefix
         self.sample_log, self.allow_replan = sample_log, allow_replan
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.val_dir = str(val_dir) if val_dir else None
+        self._val_stream: Optional[ShardStream] = None
         self.world_size, self.rank = 1, 0
         self.manifest: Optional[dict] = None
         self._pending: Optional[tuple[int, int]] = None  # cursor restored from a checkpoint
@@ -283,6 +295,13 @@ class ShardDataModule(L.LightningDataModule):
                                    world_size=self.world_size, rank=self.rank, workers=self.workers,
                                    batch_size=self.batch_size)
         self._stream.plan(0)  # raises a clear error when the data is too small for the layout
+        if self.val_dir:
+            vm = load_manifest(self.val_dir)
+            if self.kind == "hard_negatives" and vm["kind"] != "hard_negatives":
+                raise ValueError(f"{self.val_dir}: val_dir must hold hard-negative shards for kind='hard_negatives'")
+            self._val_stream = ShardStream(self.val_dir, vm, collate, seed=self.seed, world_size=self.world_size,
+                                           rank=self.rank, workers=self.workers, batch_size=self.batch_size)
+            self._val_stream.plan(0)
 
     def _require_setup(self) -> ShardStream:
         if self._stream is None:
@@ -302,6 +321,15 @@ class ShardDataModule(L.LightningDataModule):
         if self.num_workers > 0:
             kw.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
         return ShardDataLoader(self, stream, **kw)
+
+    def val_dataloader(self):
+        if self._val_stream is None:
+            return []  # Lightning skips validation
+        stream = self._val_stream
+        kw: dict[str, Any] = dict(num_workers=self.num_workers, pin_memory=self.pin_memory)
+        if self.num_workers > 0:
+            kw.update(prefetch_factor=self.prefetch_factor)
+        return _FixedLenLoader(stream, batch_size=None, **kw)
 
     # -- cursor ---------------------------------------------------------------------------------------------
 

@@ -186,6 +186,9 @@ def mine(args) -> dict:
         else:
             good = []
             for e in old["shards"]:  # keep finished shards that are intact, in order
+                if e["url"] is None:  # a chunk whose queries were all skipped
+                    good.append(e)
+                    continue
                 p = out / e["url"]
                 if p.is_file() and sha256_file(p) == e["sha256"]:
                     good.append(e)

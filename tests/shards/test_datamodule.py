@@ -183,3 +183,13 @@ def test_collator_matches_transformers_tokenizer(minilm_dir):
         got = col._encode(texts, prefix, L)
         ref = tok([prefix + t for t in texts], padding="longest", truncation=True, max_length=L, return_tensors="pt")
         assert torch.equal(got["input_ids"], ref["input_ids"]) and torch.equal(got["attention_mask"], ref["attention_mask"])
+
+
+def test_val_loader_fixed_order(tmp_path, pair_shards, minilm_dir):
+    v = tmp_path / "val"
+    make_pair_shards(v, [11, 6])
+    dm = _dm(pair_shards, minilm_dir, world=1, val_dir=str(v), num_workers=2)
+    a = [b["keys"] for b in dm.val_dataloader()]
+    assert len(a) == len(dm.val_dataloader()) == 4 and a == [b["keys"] for b in dm.val_dataloader()]
+    assert len({k for b in a for k in b}) == 16
+    assert _dm(pair_shards, minilm_dir, world=1).val_dataloader() == []
