@@ -182,3 +182,18 @@ def test_hf_datasets_source(tmp_path):
     m = load_manifest(tmp_path / "o")
     assert m["total_samples"] == 8 and m["skipped"]["by_reason"] == {"empty or whitespace-only text": 1}
     assert m["skipped"]["examples"][0].startswith(f"{tmp_path / 'ds'}[train]:row 4")
+
+
+def test_stage2_jsonl_keeps_negatives_and_scores_in_one_sample(tmp_path, capsys):
+    rows = [{"q": f"q{i}", "p": f"p{i}", "n": [f"n{i}_{j}" for j in range(8)], "s": [1.0] + [0.5] * 8}
+            for i in range(6)]
+    rows[2]["n"] = rows[2]["n"][:3]  # too few negatives
+    src = _write_jsonl(tmp_path / "hn.jsonl", rows)
+    base = ["--negatives-field", "n", "--scores-field", "s", "--num-negatives", "7"]
+    assert _build(tmp_path, src, *base) == 1
+    assert f"{src}:3: too few negatives" in capsys.readouterr().err
+    assert _build(tmp_path, src, *base, "--on-error", "skip", out="ok") == 0
+    m = load_manifest(tmp_path / "ok")
+    assert m["kind"] == "hard_negatives" and m["total_samples"] == 5
+    key, s = next(iter_shard(shard_path(tmp_path / "ok", m["shards"][0])))
+    assert len(s["negatives"]) == 7 and len(s["scores"]) == 8 and s["negatives"][0] == "n0_0"

@@ -167,6 +167,15 @@ def test_lightning_fit_resume_is_exact(pair_shards, minilm_dir, tmp_path):
         lines = [json.loads(x) for x in (log / "rank-0.jsonl").read_text().splitlines()]
         dedup = {(x["epoch"], x["batch"]): x["keys"] for x in lines}
         assert [dedup[key] for key in sorted(dedup)] == full.seen
+    # an end-of-epoch checkpoint (ModelCheckpoint default: on_train_epoch_end) resumes at the next epoch's start
+    ck = tmp_path / "ck_epoch"
+    part = Recorder()
+    L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              max_epochs=1, callbacks=[ModelCheckpoint(dirpath=ck)]).fit(part, datamodule=dm(tmp_path / "log_e"))
+    rest = Recorder()
+    trainer(enable_checkpointing=False).fit(rest, datamodule=dm(tmp_path / "log_e"), ckpt_path=str(next(ck.glob("*.ckpt"))))
+    assert part.seen + rest.seen == full.seen
+
     full_log = [json.loads(x)["keys"] for x in (tmp_path / "log_full" / "rank-0.jsonl").read_text().splitlines()]
     assert full_log == full.seen
 
