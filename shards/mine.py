@@ -309,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--passage-prefix", default="passage: ")
     ap.add_argument("--max-length", type=int, default=256, help="token truncation for embedding")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--maxcount", type=int, default=10000, help="queries per output shard (the restart unit)")
+    ap.add_argument("--maxcount", type=int, default=2000,
+                    help="queries per output shard (the restart unit; stage-2 samples are ~8x a pair's size)")
     ap.add_argument("--max-queries", type=int, default=None)
     ap.add_argument("--corpus-limit", type=int, default=None,
                     help="BEIR: keep every judged passage plus the first N-judged others (for quick runs)")
