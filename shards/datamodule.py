@@ -383,12 +383,17 @@ class ShardDataModule(L.LightningDataModule):
         self._epoch, self._yielded, self._next_epoch = epoch, done, epoch
 
     def _begin_epoch(self) -> tuple[int, int]:
-        self._flush_log(None)
+        t = self._trainer_or_none()
+        limit = None  # without a trainer, every yielded batch was consumed
+        if t is not None and getattr(t.state, "fn", None) == "fit" and t.num_training_batches != float("inf"):
+            # Lightning ended the previous epoch after num_training_batches (limit_train_batches may cut it short;
+            # a batch fetched ahead beyond that was never consumed)
+            limit = int(t.num_training_batches)
+        self._flush_log(limit, prev_upto=limit, drop_rest=True)  # self._epoch is still the previous epoch here
         if self._pending is not None:
             epoch, start = self._pending
             self._pending = None
         else:
-            t = self._trainer_or_none()
             epoch = int(t.current_epoch) if t is not None and getattr(t.state, "fn", None) == "fit" else self._next_epoch
             start = 0
         self._epoch, self._yielded, self._next_epoch = epoch, start, epoch + 1
@@ -406,9 +411,9 @@ class ShardDataModule(L.LightningDataModule):
 
     # -- sample log -----------------------------------------------------------------------------------------
 
-    def _flush_log(self, upto: Optional[int]) -> None:
-        """Write log lines of consumed batches: all pending of earlier epochs, and batches < upto of this epoch
-        (upto=None: everything pending — the epoch was iterated to its end)."""
+    def _flush_log(self, upto: Optional[int], prev_upto: Optional[int] = None, drop_rest: bool = False) -> None:
+        """Write log lines of consumed batches: this epoch's batches < upto (upto=None: all of them), earlier
+        epochs' batches < prev_upto (None: all). drop_rest forgets the unwritten ones (fetched, never consumed)."""
         if not self.sample_log or not self._log_pending:
             return
         keep = []
@@ -416,9 +421,10 @@ class ShardDataModule(L.LightningDataModule):
             Path(self.sample_log).mkdir(parents=True, exist_ok=True)
             self._log_file = open(Path(self.sample_log) / f"rank-{self.rank}.jsonl", "a", encoding="utf-8")
         for epoch, b, keys in self._log_pending:
-            if upto is None or epoch < self._epoch or b < upto:
+            limit = upto if epoch == self._epoch else prev_upto
+            if limit is None or b < limit:
                 self._log_file.write(json.dumps({"epoch": epoch, "batch": b, "keys": keys}) + "\n")
-            else:
+            elif not drop_rest:
                 keep.append((epoch, b, keys))
         self._log_file.flush()
         self._log_pending = keep

@@ -176,6 +176,13 @@ def test_lightning_fit_resume_is_exact(pair_shards, minilm_dir, tmp_path):
     trainer(enable_checkpointing=False).fit(rest, datamodule=dm(tmp_path / "log_e"), ckpt_path=str(next(ck.glob("*.ckpt"))))
     assert part.seen + rest.seen == full.seen
 
+    # limit_train_batches: the batch Lightning fetched ahead but never trained on is not logged
+    short = Recorder()
+    trainer(enable_checkpointing=False, limit_train_batches=3).fit(short, datamodule=dm(tmp_path / "log_short"))
+    short_log = [json.loads(x) for x in (tmp_path / "log_short" / "rank-0.jsonl").read_text().splitlines()]
+    assert [x["keys"] for x in short_log] == short.seen and len(short.seen) == 6
+    assert [(x["epoch"], x["batch"]) for x in short_log] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+
     full_log = [json.loads(x)["keys"] for x in (tmp_path / "log_full" / "rank-0.jsonl").read_text().splitlines()]
     assert full_log == full.seen
 
