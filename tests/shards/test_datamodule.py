@@ -209,3 +209,18 @@ def test_val_loader_fixed_order(tmp_path, pair_shards, minilm_dir):
     assert len(a) == len(dm.val_dataloader()) == 4 and a == [b["keys"] for b in dm.val_dataloader()]
     assert len({k for b in a for k in b}) == 16
     assert _dm(pair_shards, minilm_dir, world=1).val_dataloader() == []
+
+
+def test_lightningcli_can_parse_the_init_args():
+    from jsonargparse import ArgumentParser
+
+    from ropebert.shards.datamodule import ShardDataModule
+
+    p = ArgumentParser()
+    p.add_class_arguments(ShardDataModule, "data")
+    cfg = p.parse_args(["--data.train_dir", "d", "--data.tokenizer", "t", "--data.batch_size", "8",
+                        "--data.kind", "hard_negatives", "--data.sample_log", "logs", "--data.allow_replan", "true"])
+    assert cfg.data.batch_size == 8 and cfg.data.sample_log == "logs" and cfg.data.allow_replan is True
+    assert cfg.data.num_negatives == 7 and cfg.data.query_prefix == "query: " and cfg.data.val_dir is None
+    helps = {a.dest: a.help for a in p._actions}
+    assert "manifest.json" in (helps.get("data.train_dir") or "")
