@@ -14,6 +14,8 @@ from typing import Optional
 COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("ropebert.model.export:main", "export a model dir / checkpoint to a Hugging Face directory"),
     "similarity": ("ropebert.similarity:main", "embed texts with a model and print a cosine-similarity table"),
+    "shards": ("ropebert.shards.build:main", "build / inspect / verify webdataset shards (+ manifest.json)"),
+    "mine": ("ropebert.shards.mine:main", "mine hard negatives with a model and write stage-2 shards"),
 }
 
 

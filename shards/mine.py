@@ -1,0 +1,332 @@
+# Copyright ropebert contributors. Apache-2.0.
+"""`ropebert mine`: hard-negative mining -> stage-2 (hard_negatives) shards with teacher scores.
+
+1. Embed the corpus and the queries with a model (`ropebert.model.export.load_source`: an exported RoPE BERT
+   directory, or a BERT directory converted on the fly).
+2. Retrieve the top-k passages per query: exact cosine similarity by blocked matmul (CPU or GPU), or a faiss
+   IndexFlatIP when faiss is installed (`--index auto|exact|faiss`).
+3. Drop every judged positive of the query (any qrels grade >= 1; for pair shards: every positive of the same
+   query text) and the likely false negatives: candidates scoring above `--guard-value` x the positive's score
+   (`--guard perc`, NV-Retriever's TopK-PercPos, default 0.95) or above positive - value (`--guard margin`).
+4. Sample K (7) negatives deterministically per query (seeded by (seed, key)), keep them in score order, and
+   write one sample per query: query, positive, negatives, scores = [positive, negatives...] similarities
+   (the teacher scores stage 2 can distil from).
+
+Inputs: a BEIR directory (queries.jsonl + qrels/<split>.tsv + corpus.jsonl) or a pair-shard directory
+(query -> positive; the corpus is every distinct positive). Output shards are written one chunk of queries at a
+time and recorded in mine_state.json; a restarted run with the same arguments verifies and keeps the finished
+shards and mines only the rest (corpus embeddings are cached in the output dir until the run completes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .build import SkipCounter
+from .format import (MANIFEST, ShardWriter, load_manifest, read_shard, sanitize_key, sha256_file, shard_path,
+                     write_manifest)
+from .sources import passage_text, read_beir_jsonl, read_qrels
+
+STATE = "mine_state.json"
+CACHE = "corpus_embeddings.pt"
+GUARDS = ("perc", "margin", "none")
+
+
+def topk_blocked(q: torch.Tensor, c: torch.Tensor, k: int, block: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k inner products. q (Q, C), c (N, C) -> scores (Q, k), indices (Q, k), best first."""
+    k = min(k, c.shape[0])
+    best_s = q.new_empty((q.shape[0], 0))
+    best_i = torch.empty((q.shape[0], 0), dtype=torch.long, device=q.device)
+    for start in range(0, c.shape[0], block):
+        s = q @ c[start:start + block].T  # (Q, b)
+        ks = min(k, s.shape[1])
+        s_top, i_top = s.topk(ks, dim=1)
+        cat_s = torch.cat([best_s, s_top], dim=1)
+        cat_i = torch.cat([best_i, i_top + start], dim=1)
+        best_s, pos = cat_s.topk(min(k, cat_s.shape[1]), dim=1)
+        best_i = cat_i.gather(1, pos)
+    return best_s, best_i
+
+
+def search(q: torch.Tensor, c: torch.Tensor, k: int, index: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    if index not in ("auto", "exact", "faiss"):
+        raise ValueError(f"--index must be auto, exact or faiss, got {index!r}")
+    if index in ("auto", "faiss"):
+        try:
+            import faiss  # optional
+        except ImportError:
+            if index == "faiss":
+                raise RuntimeError("--index faiss needs the faiss package (pip install faiss-cpu)") from None
+            faiss = None
+        if faiss is not None:
+            ix = faiss.IndexFlatIP(c.shape[1])
+            ix.add(c.float().cpu().numpy())
+            s, i = ix.search(q.float().cpu().numpy(), min(k, c.shape[0]))
+            return torch.from_numpy(s), torch.from_numpy(i).long()
+    return topk_blocked(q, c, k)
+
+
+# -- inputs: (queries, corpus, judged) ----------------------------------------------------------------------
+
+
+def load_beir(root: Path, split: str, min_grade: int, corpus_limit: Optional[int], max_queries: Optional[int]):
+    """-> queries [(key, qid, text, positive_doc_id)], corpus ids, corpus texts, judged {key: set(doc_id)}."""
+    qrels_path = root / "qrels" / f"{split}.tsv"
+    for p in (root / "corpus.jsonl", root / "queries.jsonl", qrels_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: missing (a BEIR directory needs corpus.jsonl, queries.jsonl, qrels/{split}.tsv)")
+    corpus = read_beir_jsonl(root / "corpus.jsonl", "corpus")
+    queries = read_beir_jsonl(root / "queries.jsonl", "query")
+    qrels = read_qrels(qrels_path)
+    items, judged = [], {}
+    for qid in sorted(qrels):
+        rel = {d: g for d, g in qrels[qid].items() if g >= 1}
+        pos = sorted((d for d, g in rel.items() if g >= min_grade and d in corpus), key=lambda d: (-rel[d], d))
+        if qid not in queries or not pos:
+            continue
+        key = sanitize_key(qid)
+        items.append((key, qid, str(queries[qid].get("text") or ""), pos[0]))
+        judged[key] = set(rel)
+        if max_queries is not None and len(items) >= max_queries:
+            break
+    ids = list(corpus)
+    if corpus_limit is not None:
+        # every judged passage of the kept queries, plus the first corpus_limit others (file order)
+        need = set().union(*judged.values()) if judged else set()
+        others = [d for d in ids if d not in need][: max(0, corpus_limit - len(need))]
+        keep = need | set(others)
+        ids = [d for d in ids if d in keep]
+    texts = [passage_text(corpus[d]) for d in ids]
+    return items, ids, texts, judged
+
+
+def load_pair_shards(shard_dir: str, max_queries: Optional[int]):
+    m = load_manifest(shard_dir)
+    items, pos_of_query, text_id = [], {}, {}
+    for entry in m["shards"]:
+        for key, s in read_shard(shard_path(shard_dir, entry)):
+            did = text_id.setdefault(s["positive"], f"p{len(text_id)}")
+            items.append((key, key, s["query"], did))
+            pos_of_query.setdefault(s["query"], set()).add(did)
+    if max_queries is not None:
+        items = items[:max_queries]
+    ids = list(text_id.values())
+    texts = list(text_id)
+    judged = {key: pos_of_query[q] for key, _, q, _ in items}
+    return items, ids, texts, judged
+
+
+# -- mining -------------------------------------------------------------------------------------------------
+
+
+def pick_negatives(key: str, cand_ids: list, cand_scores: list, pos_score: float, judged: set, *, k: int,
+                   guard: str, guard_value: float, seed: int) -> tuple[list, list]:
+    """Filter candidates (judged positives, false-negative guard) and sample k deterministically, best first."""
+    keep = []
+    for d, s in zip(cand_ids, cand_scores):
+        if d in judged:
+            continue
+        if guard == "perc" and s > guard_value * pos_score:
+            continue
+        if guard == "margin" and s > pos_score - guard_value:
+            continue
+        keep.append((d, s))
+    if len(keep) < k:
+        return [], []
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+    pick = np.random.default_rng([seed, h]).choice(len(keep), size=k, replace=False)
+    chosen = [keep[i] for i in sorted(pick)]  # keep score order
+    return [d for d, _ in chosen], [s for _, s in chosen]
+
+
+def _fingerprint(args, n_queries: int, corpus_ids: list) -> str:
+    ident = {k: v for k, v in vars(args).items() if k not in ("overwrite", "no_progress", "out", "batch_size", "device")}
+    ident["model"] = str(Path(args.model).resolve())
+    ident["n_queries"] = n_queries
+    ident["corpus"] = hashlib.sha256("\n".join(corpus_ids).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def mine(args) -> dict:
+    if args.guard not in GUARDS:
+        raise ValueError(f"--guard must be one of {GUARDS}, got {args.guard!r}")
+    if args.num_negatives < 1 or args.top_k < args.num_negatives:
+        raise ValueError(f"need 1 <= --num-negatives <= --top-k (got {args.num_negatives}, {args.top_k})")
+    src = Path(args.input)
+    if args.format == "beir":
+        items, corpus_ids, corpus_texts, judged = load_beir(src, args.beir_split, args.min_grade, args.corpus_limit,
+                                                           args.max_queries)
+    elif args.format == "shards":
+        items, corpus_ids, corpus_texts, judged = load_pair_shards(str(src), args.max_queries)
+    else:
+        raise ValueError(f"--format must be beir or shards, got {args.format!r}")
+    if not items:
+        raise ValueError(f"{src}: no queries with a positive to mine for")
+    out = Path(args.out)
+    fp = _fingerprint(args, len(items), corpus_ids)
+    state = {"fingerprint": fp, "shards": [], "skipped": {"by_reason": {}, "examples": []}}
+    if out.exists() and any(out.iterdir()):
+        old = json.loads((out / STATE).read_text()) if (out / STATE).is_file() else None
+        if args.overwrite or old is None or old.get("fingerprint") != fp:
+            if not args.overwrite:
+                raise FileExistsError(f"{out} is not empty and is not an unfinished mining run with the same "
+                                      "arguments (pass --overwrite to replace it)")
+            for p in out.iterdir():
+                if p.name.startswith("shard-") or p.name in (MANIFEST, STATE, CACHE):
+                    p.unlink()
+        else:
+            good = []
+            for e in old["shards"]:  # keep finished shards that are intact, in order
+                if e["url"] is None:  # a chunk whose queries were all skipped
+                    good.append(e)
+                    continue
+                p = out / e["url"]
+                if p.is_file() and sha256_file(p) == e["sha256"]:
+                    good.append(e)
+                else:
+                    break
+            state = dict(old, shards=good)
+            print(f"mine: resuming, {len(good)} finished shard(s) kept", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / STATE).write_text(json.dumps(state, indent=1))  # marks the dir as this run's (restartable) output
+
+    from ropebert.model.export import load_source
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_source(args.model).to(device).eval()
+    enc = dict(batch_size=args.batch_size, max_length=args.max_length, device=device,
+               show_progress_bar=not args.no_progress)
+    cache = out / CACHE
+    cached = torch.load(cache, weights_only=True) if cache.is_file() else None
+    if cached is not None and cached.get("fingerprint") == fp:
+        c_emb = cached["emb"]
+    else:
+        c_emb = model.encode(corpus_texts, prefix=args.passage_prefix, **enc)  # (N, C)
+        torch.save({"fingerprint": fp, "emb": c_emb}, cache)
+    c_emb = c_emb.to(device)
+    row_of = {d: i for i, d in enumerate(corpus_ids)}
+
+    chunk = args.maxcount
+    skips = SkipCounter()
+    for reason, n in state["skipped"]["by_reason"].items():
+        skips.by_reason[reason] = n
+    skips.examples = list(state["skipped"]["examples"])
+    done_queries = sum(e["queries"] for e in state["shards"])
+    bar = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(items), initial=done_queries, desc="mine", unit="query")
+    max_judged = max(len(v) for v in judged.values())
+    for start in range(done_queries, len(items), chunk):
+        part = items[start:start + chunk]
+        q_emb = model.encode([t for _, _, t, _ in part], prefix=args.query_prefix, **dict(enc, show_progress_bar=False))
+        q_emb = q_emb.to(device)  # (Q, C)
+        scores, idx = search(q_emb, c_emb, args.top_k + max_judged, args.index)  # (Q, k')
+        pos_rows = torch.tensor([row_of[p] for _, _, _, p in part], device=device)
+        pos_scores = (q_emb * c_emb[pos_rows]).sum(-1).cpu()  # (Q,)
+        scores, idx = scores.cpu(), idx.cpu()
+        writer = ShardWriter(out, maxcount=10**12, start_index=len(state["shards"]))
+        written = 0
+        for j, (key, qid, qtext, pid) in enumerate(part):
+            cand = [corpus_ids[i] for i in idx[j].tolist()][: args.top_k + len(judged[key])]
+            cs = scores[j].tolist()[: len(cand)]
+            ps = float(pos_scores[j])
+            neg_ids, neg_scores = pick_negatives(key, cand, cs, ps, judged[key], k=args.num_negatives,
+                                                 guard=args.guard, guard_value=args.guard_value, seed=args.seed)
+            if not neg_ids:
+                msg = (f"{src}:{qid}: fewer than {args.num_negatives} negatives left in the top {args.top_k} after "
+                       f"removing positives and the {args.guard} false-negative guard")
+                if args.on_error == "fail":
+                    writer.close()
+                    raise ValueError(msg + " (raise --top-k, relax --guard-value, or pass --on-error skip)")
+                skips.add(msg, "too few negatives")
+                continue
+            writer.write(key, {
+                "query": qtext,
+                "positive": corpus_texts[row_of[pid]],
+                "negatives": [corpus_texts[row_of[d]] for d in neg_ids],
+                "scores": [round(ps, 6)] + [round(float(s), 6) for s in neg_scores],
+                "meta": {"qid": qid, "positive_id": pid, "negative_ids": neg_ids},
+            })
+            written += 1
+        entries = writer.close()
+        for e in entries:
+            state["shards"].append(dict(e, queries=len(part)))
+        if not entries:  # every query of the chunk was skipped: remember the chunk as done
+            state["shards"].append({"url": None, "samples": 0, "bytes": 0, "sha256": "", "queries": len(part)})
+        state["skipped"] = {"by_reason": dict(skips.by_reason), "examples": skips.examples}
+        (out / STATE).write_text(json.dumps(state, indent=1))
+        if bar is not None:
+            bar.update(len(part))
+    if bar is not None:
+        bar.close()
+    shards = [{k: e[k] for k in ("url", "samples", "bytes", "sha256")} for e in state["shards"] if e["url"]]
+    if not shards:
+        raise ValueError(f"mining wrote no samples ({skips.count} queries skipped)")
+    source = {
+        "format": "mined", "input": str(src), "input_format": args.format, "model": str(args.model),
+        "top_k": args.top_k, "num_negatives": args.num_negatives, "guard": args.guard,
+        "guard_value": args.guard_value, "seed": args.seed, "query_prefix": args.query_prefix,
+        "passage_prefix": args.passage_prefix, "max_length": args.max_length, "corpus_size": len(corpus_ids),
+        "queries": len(items), "index": args.index, "scores": "cosine similarity of the mining model, positive first",
+    }
+    if args.format == "beir":
+        source.update(beir_split=args.beir_split, min_grade=args.min_grade, corpus_limit=args.corpus_limit)
+    m = write_manifest(out, kind="hard_negatives", shards=shards, source=source, skipped=skips.as_dict())
+    for p in (out / STATE, cache):
+        if p.exists():
+            os.remove(p)
+    return m
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ropebert mine",
+                                 description="Mine hard negatives with a model and write stage-2 shards (+ scores).")
+    ap.add_argument("--model", required=True, help="exported RoPE BERT dir, or a BERT dir (converted on the fly)")
+    ap.add_argument("--input", required=True, help="BEIR directory or pair-shard directory")
+    ap.add_argument("--format", default="beir", choices=["beir", "shards"])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--beir-split", default="test")
+    ap.add_argument("--min-grade", type=int, default=1, help="BEIR: minimum grade of the positive")
+    ap.add_argument("--top-k", type=int, default=50, help="candidates retrieved per query (after removing positives)")
+    ap.add_argument("--num-negatives", type=int, default=7)
+    ap.add_argument("--guard", default="perc", choices=GUARDS,
+                    help="false-negative guard: perc (drop score > value*positive), margin (drop score > "
+                         "positive-value), none")
+    ap.add_argument("--guard-value", type=float, default=0.95)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--query-prefix", default="query: ")
+    ap.add_argument("--passage-prefix", default="passage: ")
+    ap.add_argument("--max-length", type=int, default=256, help="token truncation for embedding")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--maxcount", type=int, default=2000,
+                    help="queries per output shard (the restart unit; stage-2 samples are ~8x a pair's size)")
+    ap.add_argument("--max-queries", type=int, default=None)
+    ap.add_argument("--corpus-limit", type=int, default=None,
+                    help="BEIR: keep every judged passage plus the first N-judged others (for quick runs)")
+    ap.add_argument("--index", default="auto", choices=["auto", "exact", "faiss"])
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--on-error", default="fail", choices=["fail", "skip"])
+    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    m = mine(args)
+    print(f"mined {m['total_samples']} stage-2 samples ({args.num_negatives} negatives + scores) in "
+          f"{len(m['shards'])} shard(s) to {args.out}")
+    if m["skipped"]["count"]:
+        print(f"skipped {m['skipped']['count']} queries: {m['skipped']['by_reason']}", file=sys.stderr)
+    return 0
