@@ -55,11 +55,12 @@ def load_pairs(n: int, seed: int = 0) -> tuple[list[str], list[str], str]:
         queries = [json.loads(l)["text"] for l in (msmarco / "queries.jsonl").open(encoding="utf-8")]
         rng.shuffle(passages)
         return [queries[i % len(queries)] for i in range(n)], passages[:n], "msmarco corpus/queries"
-    from ropebert.shards.sources import docstring_pairs
+    from ropebert.shards.sources import SourceOptions, open_source
 
+    _, records = open_source("docstrings", ["json", "email", "argparse", "logging", "asyncio"], SourceOptions())
     pairs = []
-    for p in docstring_pairs():
-        pairs.append(p)
+    for rec in records:
+        pairs.append((rec.sample["query"], rec.sample["positive"]))
         if len(pairs) >= 4 * n:
             break
     rng.shuffle(pairs)
