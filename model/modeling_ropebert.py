@@ -847,9 +847,15 @@ class RopeBertModel(RopeBertPreTrainedModel):
         normalize: bool = True,
         device=None,
         show_progress_bar: bool = False,
+        pcw: bool = False,
     ) -> torch.Tensor:
         """Embed texts: tokenise (with `prefix`, e.g. "query: " / "passage: "), batch by length, mean-pool,
         L2-normalise. Returns (N, C) fp32 on CPU in input order.
+
+        pcw: parallel context windows (no truncation): each text is tokenised without special tokens and cut
+            into chunks of original_length - 2 tokens (510 for a 512 model; the last chunk is the final 510
+            tokens, overlapping the previous one); every chunk is encoded as [CLS] prefix chunk [SEP] with the
+            text's prefix, the unnormalised chunk embeddings of a text are averaged, then L2-normalised.
 
         max_length: truncation length in tokens (default config.max_position_embeddings); the number of
             truncated texts is logged once per call. Pass a larger value for long-context use.
@@ -866,6 +872,13 @@ class RopeBertModel(RopeBertPreTrainedModel):
                 raise TypeError(f"encode() texts[{i}] is {type(t).__name__}, expected str")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if pcw:
+            ids_list, owner = self._pcw_chunks(texts, tokenizer, prefix)
+            chunk_emb = self._encode_ids(ids_list, batch_size, max_tokens, False, device, show_progress_bar)
+            summed = torch.zeros(len(texts), chunk_emb.shape[-1], dtype=torch.float32)
+            summed.index_add_(0, owner, chunk_emb)
+            emb = summed / torch.bincount(owner, minlength=len(texts)).to(torch.float32)[:, None]
+            return F.normalize(emb, p=2, dim=-1) if normalize else emb
         ml = int(self.config.max_position_embeddings) if max_length is None else int(max_length)
         ids_list, n_trunc = self.tokenize(texts, tokenizer, prefix, ml)
         if n_trunc:
@@ -873,6 +886,30 @@ class RopeBertModel(RopeBertPreTrainedModel):
                 "encode: truncated %d of %d texts to max_length=%d tokens (pass max_length=... to change)",
                 n_trunc, len(texts), ml,
             )
+        return self._encode_ids(ids_list, batch_size, max_tokens, normalize, device, show_progress_bar)
+
+    def _pcw_chunks(self, texts: Sequence[str], tokenizer, prefix: str):
+        """PCW chunk id lists ([CLS] prefix chunk [SEP]) and, per chunk, the index of its text (LongTensor)."""
+        tok = tokenizer if tokenizer is not None else self.tokenizer
+        chunk = self.config.original_length - 2
+        if chunk < 1:
+            raise ValueError(f"pcw needs original length >= 3, got {self.config.original_length}")
+        cls_id, sep_id = tok.cls_token_id, tok.sep_token_id
+        if cls_id is None or sep_id is None:
+            raise ValueError("pcw needs a tokenizer with [CLS] and [SEP] tokens")
+        pre = tok([prefix], add_special_tokens=False, verbose=False)["input_ids"][0] if prefix else []
+        bodies = tok(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        ids_list, owner = [], []
+        for i, body in enumerate(bodies):
+            n = len(body)
+            starts = list(range(0, n - chunk, chunk)) + [max(0, n - chunk)]  # last chunk: the final `chunk` tokens
+            for s0 in starts:
+                ids_list.append([cls_id] + pre + body[s0 : s0 + chunk] + [sep_id])
+                owner.append(i)
+        return ids_list, torch.tensor(owner, dtype=torch.long)
+
+    def _encode_ids(self, ids_list, batch_size, max_tokens, normalize, device, show_progress_bar) -> torch.Tensor:
+        """Embed token id lists batched by length: (N, C) fp32 on CPU in input order."""
         device = torch.device(device) if device is not None else next(self.parameters()).device
         was_training = self.training
         self.eval()
@@ -887,7 +924,7 @@ class RopeBertModel(RopeBertPreTrainedModel):
         if cur:
             batches.append(cur)
         pad_id = self.config.pad_token_id or 0
-        out = torch.empty(len(texts), self.config.hidden_size, dtype=torch.float32)
+        out = torch.empty(len(ids_list), self.config.hidden_size, dtype=torch.float32)
         it = batches
         if show_progress_bar:
             from tqdm.auto import tqdm
