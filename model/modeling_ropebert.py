@@ -258,6 +258,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionCont
     """Rotary on q and k, then the backend. The seam where long-context attention variants plug in:
     SelfExtend replaces the backend (eager backend -> the three-map reference, any other -> fused partials)."""
     if ctx.self_extend is not None:
+        if ctx.dropout_p > 0:
+            raise RuntimeError(
+                "self_extend is an inference method and has no attention dropout; call model.eval() or set "
+                "attention_probs_dropout_prob=0"
+            )
         impl = "eager" if backend.name == "eager" else "fused"
         return SELF_EXTEND_IMPLS[impl](q, k, v, ctx)
     q, k = ctx.rope_fn(q, k, ctx)
@@ -278,9 +283,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionCont
 #                                i - j  >= w : q at p_i // g + w - w//g, k at p_j // g         (lower map)
 #                                j - i  >= w : q at p_i // g,           k at p_j // g + w - w//g (upper map)
 #                              self_extend_eager materialises the three score maps (the reference);
-#                              self_extend_fused computes the three as masked partial attentions with
+#                              self_extend_flex computes the three as masked partial attentions with
 #                              FlexAttention (block-sparse, compiled on GPU: never L x L there) and merges
-#                              them by their log-sum-exp.
+#                              them by their log-sum-exp; self_extend_chunked (CPU) runs the three-map
+#                              formula one block of queries at a time (memory chunk x L).
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -389,6 +395,31 @@ def self_extend_eager(q, k, v, ctx: AttentionContext):
     return _from_bhld(out, ctx.packed)
 
 
+def self_extend_chunked(q, k, v, ctx: AttentionContext, chunk: int = 512):
+    """The three-map formula of self_extend_eager, one block of `chunk` queries at a time: scores are
+    (B', H, chunk, L'), never L x L. The CPU path (compiled FlexAttention has no log-sum-exp output on CPU)."""
+    g, w = ctx.self_extend
+    (qp, kp), (qg, kg), (qs, ks) = _self_extend_rotations(q, k, ctx)
+    doc, long_tok = _self_extend_layout(q, ctx)  # (B', L')
+    qp, kp, qg, kg, qs, ks, vv = (_to_bhld(t, ctx.packed) for t in (qp, kp, qg, kg, qs, ks, v))
+    kp_t, kg_t, ks_t = (t.float().transpose(-1, -2) for t in (kp, kg, ks))  # (B', H, D, L')
+    vf = vv.float()
+    Lp = doc.shape[1]
+    idx = torch.arange(Lp, device=q.device)
+    out = torch.empty(vv.shape, dtype=torch.float32, device=q.device)  # (B', H, L', D)
+    for s0 in range(0, Lp, chunk):
+        s1 = min(s0 + chunk, Lp)
+        d = idx[s0:s1, None] - idx[None, :]  # (c, L') i - j
+        lng = long_tok[:, None, s0:s1, None]  # (B', 1, c, 1)
+        s_win = qp[:, :, s0:s1].float() @ kp_t  # (B', H, c, L')
+        scores = torch.where(lng & (d >= w), qs[:, :, s0:s1].float() @ kg_t, s_win)
+        scores = torch.where(lng & (-d >= w), qg[:, :, s0:s1].float() @ ks_t, scores) * ctx.scale
+        same = (doc[:, s0:s1, None] == doc[:, None, :]) & (doc[:, None, :] >= 0)  # (B', c, L')
+        scores = scores.masked_fill(~same[:, None], float("-inf"))
+        out[:, :, s0:s1] = torch.nan_to_num(scores.softmax(dim=-1)) @ vf
+    return _from_bhld(out.to(v.dtype), ctx.packed)
+
+
 def _flex():
     """flex_attention, compiled on first GPU use (fused, block-sparse); None on torch < 2.5."""
     try:
@@ -399,13 +430,16 @@ def _flex():
 
 
 _COMPILED_FLEX: dict = {}
+# device types on which FlexAttention (and its block masks) is compiled into fused kernels; elsewhere it runs
+# its unfused path, which materialises the scores. (torch 2.13 cannot compile it on CPU with the lse output.)
+FLEX_COMPILE_DEVICES: set = {"cuda"}
 
 
 def _flex_call(q, k, v, block_mask, scale):
-    """flex_attention returning (out, lse); compiled on CUDA, eager elsewhere (CPU: unfused math)."""
+    """flex_attention returning (out, lse); compiled on FLEX_COMPILE_DEVICES, eager elsewhere (unfused math)."""
     fa = _flex()
     fn = fa.flex_attention
-    if q.device.type == "cuda":
+    if q.device.type in FLEX_COMPILE_DEVICES:
         if "fn" not in _COMPILED_FLEX:
             _COMPILED_FLEX["fn"] = torch.compile(fa.flex_attention, dynamic=True)
         fn = _COMPILED_FLEX["fn"]
@@ -415,17 +449,17 @@ def _flex_call(q, k, v, block_mask, scale):
     return fn(q, k, v, block_mask=block_mask, scale=scale, return_lse=True)
 
 
-def self_extend_fused(q, k, v, ctx: AttentionContext):
+def self_extend_flex(q, k, v, ctx: AttentionContext):
     """SelfExtend as three masked partial attentions (window / lower / upper) merged by log-sum-exp:
 
         out = sum_m exp(lse_m - lse) out_m,  lse = logsumexp_m lse_m
 
     Each partial is a FlexAttention call with a block mask, so blocks outside its map are skipped; on GPU the
-    compiled kernel never forms an L x L matrix. Falls back to the eager reference when FlexAttention is
+    compiled kernel never forms an L x L matrix. Falls back to the chunked formula when FlexAttention is
     missing (torch < 2.5)."""
     fa = _flex()
     if fa is None:
-        return self_extend_eager(q, k, v, ctx)
+        return self_extend_chunked(q, k, v, ctx)
     g, w = ctx.self_extend
     (qp, kp), (qg, kg), (qs, ks) = _self_extend_rotations(q, k, ctx)
     doc, long_tok = _self_extend_layout(q, ctx)  # (B', L')
@@ -446,7 +480,8 @@ def self_extend_fused(q, k, v, ctx: AttentionContext):
     vv = _to_bhld(v, ctx.packed)
     outs, lses = [], []
     for mask_mod, qq, kk in ((window_map, qp, kp), (lower_map, qs, kg), (upper_map, qg, ks)):
-        bm = fa.create_block_mask(mask_mod, Bp, None, Lp, Lp, device=q.device, _compile=q.device.type == "cuda")
+        compiled = q.device.type in FLEX_COMPILE_DEVICES
+        bm = fa.create_block_mask(mask_mod, Bp, None, Lp, Lp, device=q.device, _compile=compiled)
         o, lse = _flex_call(_to_bhld(qq, ctx.packed), _to_bhld(kk, ctx.packed), vv, bm, ctx.scale)
         outs.append(o)  # (B', H, L', D)
         lses.append(lse.float())  # (B', H, L')
@@ -456,8 +491,21 @@ def self_extend_fused(q, k, v, ctx: AttentionContext):
     return _from_bhld(out.to(v.dtype), ctx.packed)
 
 
-# "eager" = reference (used with attn_backend="eager"), "fused" = LSE-merged partial attentions (otherwise)
-SELF_EXTEND_IMPLS: dict[str, Callable] = {"eager": self_extend_eager, "fused": self_extend_fused}
+def self_extend_fused(q, k, v, ctx: AttentionContext):
+    """SelfExtend for every backend but "eager": compiled FlexAttention partials where FlexAttention compiles
+    (GPU), else the query-chunked formula (CPU; also when FlexAttention is missing)."""
+    if q.device.type in FLEX_COMPILE_DEVICES and _flex() is not None:
+        return self_extend_flex(q, k, v, ctx)
+    return self_extend_chunked(q, k, v, ctx)
+
+
+# "eager" = reference (used with attn_backend="eager"), "fused" = what every other backend uses
+SELF_EXTEND_IMPLS: dict[str, Callable] = {
+    "eager": self_extend_eager,
+    "fused": self_extend_fused,
+    "flex": self_extend_flex,
+    "chunked": self_extend_chunked,
+}
 
 
 # ----------------------------------------------------------------------------------------------------------

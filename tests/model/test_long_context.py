@@ -14,7 +14,13 @@ import pytest
 import torch
 
 from ropebert.model import RopeBertConfig, RopeBertModel
-from ropebert.model.modeling_ropebert import AttentionContext, rope_inv_freq, rope_torch, self_extend_eager
+from ropebert.model.modeling_ropebert import (
+    SELF_EXTEND_IMPLS,
+    AttentionContext,
+    rope_inv_freq,
+    rope_torch,
+    self_extend_eager,
+)
 
 from ..conftest import padded_batch, tiny_config
 
@@ -184,6 +190,34 @@ def test_self_extend_fused_matches_eager_reference(lengths, backend):
     for b, n in enumerate(lengths):  # sequences within the original length: plain attention, exactly
         if n <= 512:
             assert (plain[b, :n] - ref[b, :n]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_self_extend_partials_match_eager_at_attention_level(packed):
+    """The FlexAttention (LSE-merged partials) and query-chunked implementations vs the eager reference,
+    on a batch mixing a long sequence, a short one (plain attention) and padding."""
+    torch.manual_seed(0)
+    lengths, H, D = [700, 300], 2, 16
+    L = max(lengths)
+    mask = torch.arange(L)[None] < torch.tensor(lengths)[:, None]
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    common = dict(inv_freq=rope_inv_freq(D, 10000.0), seqlens=seqlens, scale=D**-0.5, dropout_p=0.0,
+                  rope_fn=rope_torch, self_extend=(5, 48), original_length=512)
+    if packed:
+        ctx = AttentionContext(packed=True, positions=pos[mask], max_seqlen=L,
+                               cu_seqlens=torch.tensor([0, 700, 1000], dtype=torch.int32), **common)
+        shape = (sum(lengths), H, D)
+    else:
+        ctx = AttentionContext(packed=False, positions=pos, attention_mask=mask, has_padding=True, **common)
+        shape = (2, L, H, D)
+    q, k, v = (torch.randn(*shape) * 3 for _ in range(3))
+    ref = SELF_EXTEND_IMPLS["eager"](q, k, v, ctx)
+    valid = slice(None) if packed else mask
+    for impl in ("flex", "chunked"):
+        got = SELF_EXTEND_IMPLS[impl](q, k, v, ctx)
+        assert got.shape == ref.shape
+        assert (got - ref)[valid].abs().max() <= 5e-5, impl  # fp32, |v| ~ 3, sharp softmax
 
 
 # ---- PCW --------------------------------------------------------------------------------------------------
