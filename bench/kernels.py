@@ -7,8 +7,9 @@
    backward) for triton (CUDA only: the CPU interpreter is no benchmark), torch eager, torch.compile.
 2. Attention fwd+bwd tokens/s for every registered backend that can run here, on a variable-length batch
    (lengths uniform in 32..512), rotary included.
-3. SelfExtend (fused: LSE-merged FlexAttention partials) vs plain attention (sdpa) vs the eager three-map
-   reference, forward (inference), time and peak memory per length. Each measurement runs in a fresh
+3. SelfExtend fused (GPU: compiled FlexAttention partials merged by log-sum-exp; CPU: the query-chunked
+   formula, since FlexAttention cannot compile with its lse output on CPU) vs plain attention (sdpa) vs the
+   eager three-map reference, forward (inference), time and peak memory per length. Each measurement runs in a fresh
    subprocess; peak memory is torch.cuda.max_memory_allocated on GPU and the sampled (1 ms) peak-RSS increase on CPU. The
    reference is skipped where its three fp32 L x L score maps would not fit in --mem-limit-gb. A per-row time
    cap (--time-cap) stops a method at the first length exceeding it.
@@ -146,12 +147,10 @@ def bench_attention(device, dtype, n_seqs, H, D, seed=0):
 
 def _se_worker(args):
     """Runs in a fresh subprocess: one (method, length) forward; prints a JSON line with time and peak memory."""
-    method, L, H, D, dev, dtype_name, compile_cpu = args
+    method, L, H, D, dev, dtype_name = args
     from ropebert.model import modeling_ropebert as mr
 
     device, dtype = torch.device(dev), getattr(torch, dtype_name)
-    if compile_cpu:
-        mr.FLEX_COMPILE_DEVICES.add("cpu")
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, L, H, D, device=device, dtype=dtype) for _ in range(3))
     ctx = mr.AttentionContext(
@@ -207,7 +206,7 @@ def _se_worker(args):
     print(json.dumps({"time_s": dt, "peak_bytes": max(peak, 0)}))
 
 
-def bench_self_extend(device, dtype, lengths, H, D, time_cap, mem_limit, compile_cpu):
+def bench_self_extend(device, dtype, lengths, H, D, time_cap, mem_limit):
     rows = []
     stopped = set()
     for L in lengths:
@@ -218,7 +217,7 @@ def bench_self_extend(device, dtype, lengths, H, D, time_cap, mem_limit, compile
             if method == "eager three-map" and 3 * H * L * L * 4 > mem_limit:
                 rows.append((L, method, "skipped (3 L x L fp32 maps exceed --mem-limit-gb)", ""))
                 continue
-            arg = json.dumps([method, L, H, D, str(device), str(dtype).split(".")[-1], compile_cpu])
+            arg = json.dumps([method, L, H, D, str(device), str(dtype).split(".")[-1]])
             cmd = [sys.executable, __file__, "--se-worker", arg]
             try:
                 r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(120, 6 * time_cap))
@@ -244,7 +243,6 @@ def main(argv=None):
     ap.add_argument("--lengths", type=str, default=None, help="comma-separated SelfExtend lengths")
     ap.add_argument("--time-cap", type=float, default=5.0, help="seconds per forward after which a method stops")
     ap.add_argument("--mem-limit-gb", type=float, default=None, help="memory budget for the eager reference")
-    ap.add_argument("--compile-flex-cpu", action="store_true", help="compile FlexAttention on CPU (~30 s per shape)")
     ap.add_argument("--se-worker", type=str, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.se_worker:
@@ -287,11 +285,10 @@ def main(argv=None):
     for name, tps, ms in rows:
         print(f"| {name} | {tps} | {ms} |")
 
-    flex_mode = "compiled" if (on_gpu or args.compile_flex_cpu) else "eager (unfused: materialises L x L)"
-    print(f"\n## SelfExtend (g=9, w=64, original 512) forward, 1 sequence, FlexAttention {flex_mode}\n")
+    fused = "compiled FlexAttention partials, LSE-merged" if on_gpu else "query-chunked three-map formula, 512 queries/chunk"
+    print(f"\n## SelfExtend (g=9, w=64, original 512) forward, 1 sequence; fused = {fused}; plain = sdpa\n")
     print("| length | method | ms | peak MiB |\n|---|---|---|---|")
-    for L, method, ms, mib in bench_self_extend(device, dtype, lengths, H, D, args.time_cap, mem_limit,
-                                                  args.compile_flex_cpu):
+    for L, method, ms, mib in bench_self_extend(device, dtype, lengths, H, D, args.time_cap, mem_limit):
         print(f"| {L} | {method} | {ms} | {mib} |")
     return 0
 
