@@ -396,26 +396,38 @@ def self_extend_eager(q, k, v, ctx: AttentionContext):
 
 
 def self_extend_chunked(q, k, v, ctx: AttentionContext, chunk: int = 512):
-    """The three-map formula of self_extend_eager, one block of `chunk` queries at a time: scores are
-    (B', H, chunk, L'), never L x L. The CPU path (compiled FlexAttention has no log-sum-exp output on CPU)."""
+    """The three-map formula of self_extend_eager, one block of `chunk` queries [s0, s1) at a time: scores are
+    (B', H, chunk, L'), never L x L. Each map is only computed on the keys it can cover: lower keys
+    [0, s1 - w), upper keys [s0 + w, L'), window keys (s0 - w, s1 + w) (all keys when the block holds a token of
+    a sequence within the original length, which uses the window map everywhere). The CPU path: compiled
+    FlexAttention has no log-sum-exp output on CPU."""
     g, w = ctx.self_extend
     (qp, kp), (qg, kg), (qs, ks) = _self_extend_rotations(q, k, ctx)
     doc, long_tok = _self_extend_layout(q, ctx)  # (B', L')
     qp, kp, qg, kg, qs, ks, vv = (_to_bhld(t, ctx.packed) for t in (qp, kp, qg, kg, qs, ks, v))
     kp_t, kg_t, ks_t = (t.float().transpose(-1, -2) for t in (kp, kg, ks))  # (B', H, D, L')
     vf = vv.float()
-    Lp = doc.shape[1]
+    Bp, H, Lp, _ = vv.shape
     idx = torch.arange(Lp, device=q.device)
     out = torch.empty(vv.shape, dtype=torch.float32, device=q.device)  # (B', H, L', D)
     for s0 in range(0, Lp, chunk):
         s1 = min(s0 + chunk, Lp)
-        d = idx[s0:s1, None] - idx[None, :]  # (c, L') i - j
         lng = long_tok[:, None, s0:s1, None]  # (B', 1, c, 1)
-        s_win = qp[:, :, s0:s1].float() @ kp_t  # (B', H, c, L')
-        scores = torch.where(lng & (d >= w), qs[:, :, s0:s1].float() @ kg_t, s_win)
-        scores = torch.where(lng & (-d >= w), qg[:, :, s0:s1].float() @ ks_t, scores) * ctx.scale
+        all_long = bool((long_tok[:, s0:s1] | (doc[:, s0:s1] < 0)).all())
+        wl, wr = (max(0, s0 - w + 1), min(Lp, s1 + w - 1)) if all_long else (0, Lp)
+        a, b = max(0, s1 - w), min(Lp, s0 + w)  # lower-map keys [0, a), upper-map keys [b, L')
+        scores = torch.full((Bp, H, s1 - s0, Lp), float("-inf"), dtype=torch.float32, device=q.device)
+        if a > 0:
+            d = idx[s0:s1, None] - idx[None, :a]  # (c, a) i - j
+            scores[..., :a] = torch.where(lng & (d >= w), qs[:, :, s0:s1].float() @ kg_t[..., :a], scores[..., :a])
+        if b < Lp:
+            d = idx[s0:s1, None] - idx[None, b:]
+            scores[..., b:] = torch.where(lng & (-d >= w), qg[:, :, s0:s1].float() @ ks_t[..., b:], scores[..., b:])
+        d = idx[s0:s1, None] - idx[None, wl:wr]
+        win = ~lng | (d.abs() < w)  # disjoint from the two conditions above for long rows
+        scores[..., wl:wr] = torch.where(win, qp[:, :, s0:s1].float() @ kp_t[..., wl:wr], scores[..., wl:wr])
         same = (doc[:, s0:s1, None] == doc[:, None, :]) & (doc[:, None, :] >= 0)  # (B', c, L')
-        scores = scores.masked_fill(~same[:, None], float("-inf"))
+        scores = (scores * ctx.scale).masked_fill(~same[:, None], float("-inf"))
         out[:, :, s0:s1] = torch.nan_to_num(scores.softmax(dim=-1)) @ vf
     return _from_bhld(out.to(v.dtype), ctx.packed)
 

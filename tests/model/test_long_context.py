@@ -8,7 +8,6 @@ import math
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from ropebert.model.modeling_ropebert import (
 
 from ..conftest import padded_batch, tiny_config
 
-warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
 def _model(**kw):
@@ -214,8 +213,13 @@ def test_self_extend_partials_match_eager_at_attention_level(packed):
     q, k, v = (torch.randn(*shape) * 3 for _ in range(3))
     ref = SELF_EXTEND_IMPLS["eager"](q, k, v, ctx)
     valid = slice(None) if packed else mask
-    for impl in ("flex", "chunked"):
-        got = SELF_EXTEND_IMPLS[impl](q, k, v, ctx)
+    impls = {
+        "flex": SELF_EXTEND_IMPLS["flex"],
+        "chunked": SELF_EXTEND_IMPLS["chunked"],
+        "chunked-37": lambda *a: SELF_EXTEND_IMPLS["chunked"](*a, chunk=37),  # blocks not aligned to w
+    }
+    for impl, fn in impls.items():
+        got = fn(q, k, v, ctx)
         assert got.shape == ref.shape
         assert (got - ref)[valid].abs().max() <= 5e-5, impl  # fp32, |v| ~ 3, sharp softmax
 
