@@ -7,7 +7,9 @@ import only the standard library and transformers.
 
 from __future__ import annotations
 
+import copy
 import math
+from typing import Optional
 
 from transformers import PretrainedConfig
 
@@ -37,6 +39,23 @@ class RopeBertConfig(PretrainedConfig):
             "sdpa", "sdpa_packed", "varlen", plus optional ones registered at import time such as
             "flash_attn" and "xformers"). Checked when the model is built.
         rope_impl: Rotary implementation: "torch", "triton" (registered by ropebert.kernels) or "auto".
+
+    Long-context inference (all read at forward time, so editing `model.config.<key>` or config.json applies
+    them without retraining; presets for a 512-token model: NTK rope_theta 30000 / 50000 / 100000 for 1k / 2k /
+    4k tokens, SelfExtend (group_size, window) (3, 256) / (5, 128) / (9, 64)):
+        rope_scaling: None, {"type": "dynamic_ntk", "factor": f} (theta recomputed per sequence from its length
+            n when n > original length: theta * (f * n / orig - (f - 1)) ** (D / (D - 2))) or
+            {"type": "pi", "factor": s} (position interpolation: positions divided by s). f, s > 0.
+        position_mode: "default" (positions as given), "gp" (grouped: p // position_scale) or "rp" (recurrent:
+            p mod original_max_position_embeddings).
+        position_scale: The group size s of position_mode="gp" (> 0).
+        original_max_position_embeddings: The length the model was trained at (None: max_position_embeddings).
+            Used by rp, dynamic NTK, SelfExtend (sequences not longer than it use plain attention) and PCW.
+        self_extend: None or {"group_size": g, "window": w} with g >= 1 and 1 <= w < original length:
+            LongEmbed's bidirectional SelfExtend (exact rotary positions for |i - j| < w, grouped positions
+            p // g, shifted by w - w // g on the query (i > j) or key (i < j) side, beyond).
+        attn_scale_base: q is scaled by max(1, ln n / ln attn_scale_base), n the sequence's non-padding length
+            (no effect at or below the base); None disables. Must be > 1.
     """
 
     model_type = "ropebert"
@@ -59,6 +78,12 @@ class RopeBertConfig(PretrainedConfig):
         rope_theta: float = 10000.0,
         attn_backend: str = "auto",
         rope_impl: str = "auto",
+        rope_scaling: Optional[dict] = None,
+        position_mode: str = "default",
+        position_scale: float = 1.0,
+        original_max_position_embeddings: Optional[int] = None,
+        self_extend: Optional[dict] = None,
+        attn_scale_base: Optional[int] = 512,
         **kwargs,
     ):
         super().__init__(pad_token_id=pad_token_id, **kwargs)
@@ -77,7 +102,35 @@ class RopeBertConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.attn_backend = attn_backend
         self.rope_impl = rope_impl
+        self.rope_scaling = dict(rope_scaling) if isinstance(rope_scaling, dict) else rope_scaling
+        self.position_mode = position_mode
+        self.position_scale = position_scale
+        self.original_max_position_embeddings = original_max_position_embeddings
+        self.self_extend = dict(self_extend) if isinstance(self_extend, dict) else self_extend
+        self.attn_scale_base = attn_scale_base
         self.validate_ropebert()
+
+    # transformers >= 5 turns `rope_scaling` into a deprecated alias of its own `rope_parameters` format; this
+    # model keeps the plain LongEmbed-style key, stored under a private name and written back by to_dict().
+    @property
+    def rope_scaling(self):
+        return self.__dict__.get("_ropebert_rope_scaling")
+
+    @rope_scaling.setter
+    def rope_scaling(self, value):
+        self.__dict__["_ropebert_rope_scaling"] = value
+
+    def to_dict(self):
+        out = super().to_dict()
+        out.pop("_ropebert_rope_scaling", None)
+        out["rope_scaling"] = copy.deepcopy(self.rope_scaling)
+        return out
+
+    @property
+    def original_length(self) -> int:
+        """The trained context length long-context methods extend from (original_max_position_embeddings)."""
+        orig = self.original_max_position_embeddings
+        return int(self.max_position_embeddings if orig is None else orig)
 
     def validate_ropebert(self) -> None:
         """Raise ValueError on settings the model cannot honour (called at construction and load time)."""
@@ -102,3 +155,49 @@ class RopeBertConfig(PretrainedConfig):
             raise ValueError(
                 f"RopeBertConfig.max_position_embeddings must be >= 1, got {self.max_position_embeddings!r}"
             )
+        self._validate_long_context()
+
+    def _validate_long_context(self) -> None:
+        def is_num(x):
+            return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
+
+        def is_int(x):
+            return not isinstance(x, bool) and isinstance(x, int)
+
+        orig = self.original_max_position_embeddings
+        if orig is not None and (not is_int(orig) or orig < 1):
+            raise ValueError(f"RopeBertConfig.original_max_position_embeddings must be null or an int >= 1, got {orig!r}")
+        rs = self.rope_scaling
+        if rs is not None:
+            if not isinstance(rs, dict) or set(rs) - {"type", "factor"} or "type" not in rs or "factor" not in rs:
+                raise ValueError(
+                    'RopeBertConfig.rope_scaling must be null, {"type": "dynamic_ntk", "factor": f} or '
+                    f'{{"type": "pi", "factor": s}}, got {rs!r}'
+                )
+            if rs["type"] not in ("dynamic_ntk", "pi"):
+                raise ValueError(
+                    f"RopeBertConfig.rope_scaling: unknown type {rs['type']!r}; supported: 'dynamic_ntk', 'pi'"
+                )
+            if not is_num(rs["factor"]) or rs["factor"] <= 0:
+                raise ValueError(f"RopeBertConfig.rope_scaling.factor must be a finite number > 0, got {rs['factor']!r}")
+        if self.position_mode not in ("default", "gp", "rp"):
+            raise ValueError(f"RopeBertConfig.position_mode must be 'default', 'gp' or 'rp', got {self.position_mode!r}")
+        if not is_num(self.position_scale) or self.position_scale <= 0:
+            raise ValueError(f"RopeBertConfig.position_scale must be a finite number > 0, got {self.position_scale!r}")
+        se = self.self_extend
+        if se is not None:
+            if not isinstance(se, dict) or set(se) != {"group_size", "window"}:
+                raise ValueError(
+                    f'RopeBertConfig.self_extend must be null or {{"group_size": g, "window": w}}, got {se!r}'
+                )
+            g, w = se["group_size"], se["window"]
+            if not is_int(g) or g < 1:
+                raise ValueError(f"RopeBertConfig.self_extend.group_size must be an int >= 1, got {g!r}")
+            if not is_int(w) or w < 1 or w >= self.original_length:
+                raise ValueError(
+                    f"RopeBertConfig.self_extend.window must be an int with 1 <= window < the original length "
+                    f"{self.original_length} (original_max_position_embeddings), got {w!r}"
+                )
+        b = self.attn_scale_base
+        if b is not None and (not is_num(b) or b <= 1):
+            raise ValueError(f"RopeBertConfig.attn_scale_base must be null or a number > 1, got {b!r}")

@@ -19,6 +19,7 @@ Shapes: B batch, L padded length, T packed tokens (sum of lengths), H heads, D h
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -50,7 +51,9 @@ def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for arbitrary (integer or fractional) positions, fp32, shape (*positions.shape, D)."""
+    """cos/sin for arbitrary (integer or fractional) positions, fp32, shape (*positions.shape, D).
+
+    inv_freq: (D/2,) or per token (*positions.shape, D/2)."""
     freqs = positions.to(torch.float32)[..., None] * inv_freq  # (..., D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (..., D)
     return emb.cos(), emb.sin()
@@ -106,10 +109,16 @@ class AttentionContext:
     cu_seqlens: Optional[torch.Tensor] = None  # (B+1,) int32, packed layout only
     max_seqlen: int = 0
     rope_fn: Callable = rope_torch
+    # long-context inference (see "Long context" below); None / 0 when unused
+    q_scale: Optional[torch.Tensor] = None  # (B, 1, 1, 1) padded or (T, 1, 1) packed: attn_scale_base factor
+    self_extend: Optional[tuple[int, int]] = None  # (group_size, window) when some sequence is long
+    original_length: int = 0  # sequences not longer than this use plain attention under SelfExtend
     _cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
 
     def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 cos/sin broadcastable against q: (B, L, 1, D) padded or (T, 1, D) packed."""
+        """fp32 cos/sin broadcastable against q: (B, L, 1, D) padded or (T, 1, D) packed.
+
+        `inv_freq` is (D/2,) shared by all tokens, or (*positions.shape, D/2) per token (dynamic NTK)."""
         if self._cos_sin is None:
             cos, sin = rope_cos_sin(self.positions, self.inv_freq)
             self._cos_sin = (cos.unsqueeze(-2), sin.unsqueeze(-2))
@@ -258,9 +267,269 @@ def resolve_attention_backend(
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, backend: AttentionBackend):
-    """Rotary on q and k, then the backend. The seam where long-context attention variants plug in."""
+    """Rotary on q and k, then the backend. The seam where long-context attention variants plug in:
+    SelfExtend replaces the backend (eager backend -> the three-map reference, any other -> fused partials)."""
+    if ctx.self_extend is not None:
+        if ctx.dropout_p > 0:
+            raise RuntimeError(
+                "self_extend is an inference method and has no attention dropout; call model.eval() or set "
+                "attention_probs_dropout_prob=0"
+            )
+        impl = "eager" if backend.name == "eager" else "fused"
+        return SELF_EXTEND_IMPLS[impl](q, k, v, ctx)
     q, k = ctx.rope_fn(q, k, ctx)
+    if ctx.q_scale is not None:
+        q = q * ctx.q_scale.to(q.dtype)
     return backend.fn(q, k, v, ctx)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Long context (inference beyond the trained length; all driven by config keys read at forward time)
+#
+#   rope_theta / rope_scaling  NTK-aware theta, dynamic NTK (theta from each sequence's length), PI (p / s)
+#   position_mode              gp: p // s, rp: p mod original length
+#   attn_scale_base            q *= max(1, ln n / ln base) per sequence
+#   self_extend                LongEmbed's bidirectional SelfExtend: for a sequence longer than the original
+#                              length, the score of (i, j) uses
+#                                |i - j| <  w : q at p_i,               k at p_j               (window map)
+#                                i - j  >= w : q at p_i // g + w - w//g, k at p_j // g         (lower map)
+#                                j - i  >= w : q at p_i // g,           k at p_j // g + w - w//g (upper map)
+#                              self_extend_eager materialises the three score maps (the reference);
+#                              self_extend_flex computes the three as masked partial attentions with
+#                              FlexAttention (block-sparse, compiled on GPU: never L x L there) and merges
+#                              them by their log-sum-exp; self_extend_chunked (CPU) runs the three-map
+#                              formula one block of queries at a time (memory chunk x L).
+# ----------------------------------------------------------------------------------------------------------
+
+
+def long_context_positions(position_ids: torch.Tensor, config: RopeBertConfig) -> torch.Tensor:
+    """Apply position_mode (gp / rp) and PI to rotary positions. (B, L) -> (B, L), long or fp32."""
+    p = position_ids
+    if config.position_mode == "gp":
+        s = config.position_scale
+        p = p // int(s) if float(s).is_integer() else torch.floor(p.to(torch.float64) / s).to(torch.float32)
+    elif config.position_mode == "rp":
+        p = p % config.original_length
+    rs = config.rope_scaling
+    if rs is not None and rs["type"] == "pi":
+        p = p.to(torch.float32) / float(rs["factor"])
+    return p
+
+
+def long_context_inv_freq(head_dim: int, config: RopeBertConfig, seqlens: torch.Tensor) -> torch.Tensor:
+    """inv_freq (D/2,), or per sequence (B, D/2) under dynamic NTK when some sequence exceeds the original
+    length: theta_n = theta * (f * n / orig - (f - 1)) ** (D / (D - 2)) for n > orig, else theta."""
+    device = seqlens.device
+    rs, orig = config.rope_scaling, config.original_length
+    if rs is None or rs["type"] != "dynamic_ntk" or int(seqlens.max()) <= orig:
+        return rope_inv_freq(head_dim, config.rope_theta, device)
+    f = float(rs["factor"])
+    n = seqlens.to(torch.float64).clamp(min=orig)  # (B,) sequences within the original length keep theta
+    theta = config.rope_theta * (f * n / orig - (f - 1)).clamp(min=1.0) ** (head_dim / (head_dim - 2))  # (B,)
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim  # (D/2,)
+    return (1.0 / theta[:, None] ** exponent[None, :]).to(torch.float32)  # (B, D/2)
+
+
+def attn_scale_factors(seqlens: torch.Tensor, base: Optional[float]) -> Optional[torch.Tensor]:
+    """max(1, ln n / ln base) per sequence (B,) fp32, or None when disabled or no sequence is longer than base."""
+    if base is None or int(seqlens.max()) <= base:
+        return None
+    n = seqlens.to(torch.float32).clamp(min=1.0)
+    return (n.log() / math.log(base)).clamp(min=1.0)
+
+
+def _with_positions(ctx: AttentionContext, positions: torch.Tensor) -> AttentionContext:
+    return dataclasses.replace(ctx, positions=positions, _cos_sin=None)
+
+
+def _self_extend_rotations(q, k, ctx: AttentionContext):
+    """The three rotary variants of q and k SelfExtend needs (each pair from one rope_fn call):
+    (q_p, k_p) at p, (q_g, k_g) at p // g, (q_gs, k_gs) at p // g + w - w // g. q is also attn-scaled."""
+    g, w = ctx.self_extend
+    pos = ctx.positions
+    grouped = pos // g if not pos.is_floating_point() else torch.floor(pos / g)
+    shifted = grouped + (w - w // g)
+    out = []
+    for p in (pos, grouped, shifted):
+        qr, kr = ctx.rope_fn(q, k, _with_positions(ctx, p))
+        if ctx.q_scale is not None:
+            qr = qr * ctx.q_scale.to(qr.dtype)
+        out.append((qr, kr))
+    return out
+
+
+def _self_extend_layout(q, ctx: AttentionContext):
+    """Per-token document id and "long" flag in a (B', L') layout shared by the padded and packed paths.
+
+    Padded: B' = B, doc[b, i] = b for real tokens and -1 for padding. Packed: B' = 1, doc = sequence index.
+    long[b, i]: the token's sequence is longer than the original length (SelfExtend applies to it).
+    """
+    long_seq = ctx.seqlens > ctx.original_length  # (B,)
+    if ctx.packed:
+        B = ctx.seqlens.shape[0]
+        doc = torch.repeat_interleave(torch.arange(B, device=q.device), ctx.seqlens.long())[None]  # (1, T)
+        return doc, long_seq[doc]
+    B, L = ctx.attention_mask.shape
+    doc = torch.arange(B, device=q.device)[:, None].expand(B, L)
+    doc = torch.where(ctx.attention_mask, doc, torch.full_like(doc, -1))  # (B, L)
+    return doc, long_seq[:, None].expand(B, L) & ctx.attention_mask
+
+
+def _to_bhld(x: torch.Tensor, packed: bool) -> torch.Tensor:
+    """(B, L, H, D) or packed (T, H, D) -> (B', H, L', D)."""
+    return (x[None] if packed else x).transpose(1, 2)
+
+
+def _from_bhld(x: torch.Tensor, packed: bool) -> torch.Tensor:
+    x = x.transpose(1, 2)  # (B', L', H, D)
+    return x[0] if packed else x
+
+
+def self_extend_eager(q, k, v, ctx: AttentionContext):
+    """Reference SelfExtend: materialises the window, lower and upper score maps (B', H, L', L') in fp32,
+    picks one per (i, j) and takes one softmax. Sequences not longer than the original use the window map
+    everywhere (= plain attention)."""
+    g, w = ctx.self_extend
+    (qp, kp), (qg, kg), (qs, ks) = _self_extend_rotations(q, k, ctx)
+    doc, long_tok = _self_extend_layout(q, ctx)  # (B', L')
+    qp, kp, qg, kg, qs, ks, vv = (_to_bhld(t, ctx.packed).float() for t in (qp, kp, qg, kg, qs, ks, v))
+    s_win = qp @ kp.transpose(-1, -2)  # (B', H, L', L')
+    s_low = qs @ kg.transpose(-1, -2)  # q at p//g + w - w//g, k at p//g
+    s_up = qg @ ks.transpose(-1, -2)  # q at p//g, k at p//g + w - w//g
+    idx = torch.arange(doc.shape[1], device=q.device)
+    d = idx[:, None] - idx[None, :]  # (L', L') i - j
+    lng = long_tok[:, None, :, None]  # (B', 1, L', 1)
+    scores = torch.where(lng & (d >= w), s_low, torch.where(lng & (-d >= w), s_up, s_win)) * ctx.scale
+    same = (doc[:, :, None] == doc[:, None, :]) & (doc[:, None, :] >= 0)  # (B', L', L')
+    scores = scores.masked_fill(~same[:, None], float("-inf"))
+    probs = torch.nan_to_num(scores.softmax(dim=-1))  # fully masked (padding) rows -> 0
+    out = (probs @ vv).to(v.dtype)  # (B', H, L', D)
+    return _from_bhld(out, ctx.packed)
+
+
+def self_extend_chunked(q, k, v, ctx: AttentionContext, chunk: int = 512):
+    """The three-map formula of self_extend_eager, one block of `chunk` queries [s0, s1) at a time: scores are
+    (B', H, chunk, L'), never L x L. Each map is only computed on the keys it can cover: lower keys
+    [0, s1 - w), upper keys [s0 + w, L'), window keys (s0 - w, s1 + w) (all keys when the block holds a token of
+    a sequence within the original length, which uses the window map everywhere). The CPU path: compiled
+    FlexAttention has no log-sum-exp output on CPU."""
+    g, w = ctx.self_extend
+    (qp, kp), (qg, kg), (qs, ks) = _self_extend_rotations(q, k, ctx)
+    doc, long_tok = _self_extend_layout(q, ctx)  # (B', L')
+    qp, kp, qg, kg, qs, ks, vv = (_to_bhld(t, ctx.packed) for t in (qp, kp, qg, kg, qs, ks, v))
+    kp_t, kg_t, ks_t = (t.float().transpose(-1, -2) for t in (kp, kg, ks))  # (B', H, D, L')
+    vf = vv.float()
+    Bp, H, Lp, _ = vv.shape
+    idx = torch.arange(Lp, device=q.device)
+    out = torch.empty(vv.shape, dtype=torch.float32, device=q.device)  # (B', H, L', D)
+    for s0 in range(0, Lp, chunk):
+        s1 = min(s0 + chunk, Lp)
+        lng = long_tok[:, None, s0:s1, None]  # (B', 1, c, 1)
+        all_long = bool((long_tok[:, s0:s1] | (doc[:, s0:s1] < 0)).all())
+        wl, wr = (max(0, s0 - w + 1), min(Lp, s1 + w - 1)) if all_long else (0, Lp)
+        a, b = max(0, s1 - w), min(Lp, s0 + w)  # lower-map keys [0, a), upper-map keys [b, L')
+        scores = torch.full((Bp, H, s1 - s0, Lp), float("-inf"), dtype=torch.float32, device=q.device)
+        if a > 0:
+            d = idx[s0:s1, None] - idx[None, :a]  # (c, a) i - j
+            scores[..., :a] = torch.where(lng & (d >= w), qs[:, :, s0:s1].float() @ kg_t[..., :a], scores[..., :a])
+        if b < Lp:
+            d = idx[s0:s1, None] - idx[None, b:]
+            scores[..., b:] = torch.where(lng & (-d >= w), qg[:, :, s0:s1].float() @ ks_t[..., b:], scores[..., b:])
+        d = idx[s0:s1, None] - idx[None, wl:wr]
+        win = ~lng | (d.abs() < w)  # disjoint from the two conditions above for long rows
+        scores[..., wl:wr] = torch.where(win, qp[:, :, s0:s1].float() @ kp_t[..., wl:wr], scores[..., wl:wr])
+        same = (doc[:, s0:s1, None] == doc[:, None, :]) & (doc[:, None, :] >= 0)  # (B', c, L')
+        scores = (scores * ctx.scale).masked_fill(~same[:, None], float("-inf"))
+        out[:, :, s0:s1] = torch.nan_to_num(scores.softmax(dim=-1)) @ vf
+    return _from_bhld(out.to(v.dtype), ctx.packed)
+
+
+def _flex():
+    """flex_attention, compiled on first GPU use (fused, block-sparse); None on torch < 2.5."""
+    try:
+        from torch.nn.attention import flex_attention as fa
+    except Exception:
+        return None
+    return fa
+
+
+_COMPILED_FLEX: dict = {}
+# device types on which FlexAttention (and its block masks) is compiled into fused kernels; elsewhere it runs
+# its unfused path, which materialises the scores. (torch 2.13 cannot compile it on CPU with the lse output.)
+FLEX_COMPILE_DEVICES: set = {"cuda"}
+
+
+def _flex_call(q, k, v, block_mask, scale):
+    """flex_attention returning (out, lse); compiled on FLEX_COMPILE_DEVICES, eager elsewhere (unfused math)."""
+    fa = _flex()
+    fn = fa.flex_attention
+    if q.device.type in FLEX_COMPILE_DEVICES:
+        if "fn" not in _COMPILED_FLEX:
+            _COMPILED_FLEX["fn"] = torch.compile(fa.flex_attention, dynamic=True)
+        fn = _COMPILED_FLEX["fn"]
+    if hasattr(fa, "AuxRequest"):
+        out, aux = fn(q, k, v, block_mask=block_mask, scale=scale, return_aux=fa.AuxRequest(lse=True))
+        return out, aux.lse
+    return fn(q, k, v, block_mask=block_mask, scale=scale, return_lse=True)
+
+
+def self_extend_flex(q, k, v, ctx: AttentionContext):
+    """SelfExtend as three masked partial attentions (window / lower / upper) merged by log-sum-exp:
+
+        out = sum_m exp(lse_m - lse) out_m,  lse = logsumexp_m lse_m
+
+    Each partial is a FlexAttention call with a block mask, so blocks outside its map are skipped; on GPU the
+    compiled kernel never forms an L x L matrix. Falls back to the chunked formula when FlexAttention is
+    missing (torch < 2.5)."""
+    fa = _flex()
+    if fa is None:
+        return self_extend_chunked(q, k, v, ctx)
+    g, w = ctx.self_extend
+    (qp, kp), (qg, kg), (qs, ks) = _self_extend_rotations(q, k, ctx)
+    doc, long_tok = _self_extend_layout(q, ctx)  # (B', L')
+    Bp, Lp = doc.shape
+
+    def same(b, qi, ki):
+        return (doc[b, qi] == doc[b, ki]) & (doc[b, ki] >= 0)
+
+    def window_map(b, h, qi, ki):
+        return same(b, qi, ki) & (((qi - ki).abs() < w) | ~long_tok[b, qi])
+
+    def lower_map(b, h, qi, ki):
+        return same(b, qi, ki) & long_tok[b, qi] & (qi - ki >= w)
+
+    def upper_map(b, h, qi, ki):
+        return same(b, qi, ki) & long_tok[b, qi] & (ki - qi >= w)
+
+    vv = _to_bhld(v, ctx.packed)
+    outs, lses = [], []
+    for mask_mod, qq, kk in ((window_map, qp, kp), (lower_map, qs, kg), (upper_map, qg, ks)):
+        compiled = q.device.type in FLEX_COMPILE_DEVICES
+        bm = fa.create_block_mask(mask_mod, Bp, None, Lp, Lp, device=q.device, _compile=compiled)
+        o, lse = _flex_call(_to_bhld(qq, ctx.packed), _to_bhld(kk, ctx.packed), vv, bm, ctx.scale)
+        outs.append(o)  # (B', H, L', D)
+        lses.append(lse.float())  # (B', H, L')
+    lse = torch.stack(lses).logsumexp(dim=0)  # (B', H, L')
+    lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)  # rows with no key (padding) -> out 0
+    out = sum(torch.exp(l - lse)[..., None] * o.float() for l, o in zip(lses, outs))
+    return _from_bhld(out.to(v.dtype), ctx.packed)
+
+
+def self_extend_fused(q, k, v, ctx: AttentionContext):
+    """SelfExtend for every backend but "eager": compiled FlexAttention partials where FlexAttention compiles
+    (GPU), else the query-chunked formula (CPU; also when FlexAttention is missing)."""
+    if q.device.type in FLEX_COMPILE_DEVICES and _flex() is not None:
+        return self_extend_flex(q, k, v, ctx)
+    return self_extend_chunked(q, k, v, ctx)
+
+
+# "eager" = reference (used with attn_backend="eager"), "fused" = what every other backend uses
+SELF_EXTEND_IMPLS: dict[str, Callable] = {
+    "eager": self_extend_eager,
+    "fused": self_extend_fused,
+    "flex": self_extend_flex,
+    "chunked": self_extend_chunked,
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -503,19 +772,27 @@ class RopeBertModel(RopeBertPreTrainedModel):
         elif position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0).expand(B, -1)
         seqlens = mask.sum(dim=-1, dtype=torch.int32)  # (B,)
-        dropout_p = self.config.attention_probs_dropout_prob if self.training else 0.0
+        cfg = self.config
+        cfg._validate_long_context()  # config keys may have been edited since construction
+        dropout_p = cfg.attention_probs_dropout_prob if self.training else 0.0
         padding_fraction = 0.0
-        if device.type == "cpu" and self.config.attn_backend == "auto":
+        if device.type == "cpu" and cfg.attn_backend == "auto":
             padding_fraction = 1.0 - float(seqlens.sum()) / max(1, B * L)
         backend = resolve_attention_backend(
-            self.config.attn_backend, device, self._compute_dtype(device), dropout_p > 0, padding_fraction
+            cfg.attn_backend, device, self._compute_dtype(device), dropout_p > 0, padding_fraction
         )
+        position_ids = long_context_positions(position_ids, cfg)  # (B, L) gp / rp / PI remaps
+        inv_freq = long_context_inv_freq(self.head_dim, cfg, seqlens)  # (D/2,) or (B, D/2) dynamic NTK
+        q_scale = attn_scale_factors(seqlens, cfg.attn_scale_base)  # None or (B,)
+        max_len = int(seqlens.max()) if B else 0
+        se = cfg.self_extend
         common = dict(
-            inv_freq=rope_inv_freq(self.head_dim, self.config.rope_theta, device),
             seqlens=seqlens,
             scale=1.0 / math.sqrt(self.head_dim),
             dropout_p=dropout_p,
             rope_fn=self._rope_fn(device),
+            self_extend=(int(se["group_size"]), int(se["window"])) if se and max_len > cfg.original_length else None,
+            original_length=cfg.original_length,
         )
         unpad_index = None
         if backend.packed:
@@ -525,12 +802,22 @@ class RopeBertModel(RopeBertPreTrainedModel):
             token_type_ids = token_type_ids.flatten()[unpad_index]
             positions = position_ids.flatten()[unpad_index]
             cu_seqlens = F.pad(seqlens.cumsum(0, dtype=torch.int32), (1, 0))
+            if inv_freq.dim() == 2:  # per sequence -> per token (T, D/2)
+                inv_freq = inv_freq.repeat_interleave(seqlens.long(), dim=0)
+            if q_scale is not None:
+                q_scale = q_scale.repeat_interleave(seqlens.long())[:, None, None]  # (T, 1, 1)
             ctx = AttentionContext(
-                packed=True, positions=positions, cu_seqlens=cu_seqlens, max_seqlen=int(seqlens.max()), **common
+                packed=True, positions=positions, cu_seqlens=cu_seqlens, max_seqlen=max_len,
+                inv_freq=inv_freq, q_scale=q_scale, **common,
             )
         else:
+            if inv_freq.dim() == 2:  # per sequence -> per token (B, L, D/2), a broadcast view
+                inv_freq = inv_freq[:, None, :].expand(B, L, -1)
+            if q_scale is not None:
+                q_scale = q_scale[:, None, None, None]  # (B, 1, 1, 1)
             ctx = AttentionContext(
-                packed=False, positions=position_ids, attention_mask=mask, has_padding=not bool(mask.all()), **common
+                packed=False, positions=position_ids, attention_mask=mask, has_padding=not bool(mask.all()),
+                inv_freq=inv_freq, q_scale=q_scale, **common,
             )
         x = self.embeddings(input_ids, token_type_ids)  # (B, L, C) or (T, C)
         x, all_hidden = self.encoder(x, ctx, backend, output_hidden_states)
@@ -635,9 +922,15 @@ class RopeBertModel(RopeBertPreTrainedModel):
         normalize: bool = True,
         device=None,
         show_progress_bar: bool = False,
+        pcw: bool = False,
     ) -> torch.Tensor:
         """Embed texts: tokenise (with `prefix`, e.g. "query: " / "passage: "), batch by length, mean-pool,
         L2-normalise. Returns (N, C) fp32 on CPU in input order.
+
+        pcw: parallel context windows (no truncation): each text is tokenised without special tokens and cut
+            into chunks of original_length - 2 tokens (510 for a 512 model; the last chunk is the final 510
+            tokens, overlapping the previous one); every chunk is encoded as [CLS] prefix chunk [SEP] with the
+            text's prefix, the unnormalised chunk embeddings of a text are averaged, then L2-normalised.
 
         max_length: truncation length in tokens (default config.max_position_embeddings); the number of
             truncated texts is logged once per call. Pass a larger value for long-context use.
@@ -654,6 +947,13 @@ class RopeBertModel(RopeBertPreTrainedModel):
                 raise TypeError(f"encode() texts[{i}] is {type(t).__name__}, expected str")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if pcw:
+            ids_list, owner = self._pcw_chunks(texts, tokenizer, prefix)
+            chunk_emb = self._encode_ids(ids_list, batch_size, max_tokens, False, device, show_progress_bar)
+            summed = torch.zeros(len(texts), chunk_emb.shape[-1], dtype=torch.float32)
+            summed.index_add_(0, owner, chunk_emb)
+            emb = summed / torch.bincount(owner, minlength=len(texts)).to(torch.float32)[:, None]
+            return F.normalize(emb, p=2, dim=-1) if normalize else emb
         ml = int(self.config.max_position_embeddings) if max_length is None else int(max_length)
         ids_list, n_trunc = self.tokenize(texts, tokenizer, prefix, ml)
         if n_trunc:
@@ -661,6 +961,30 @@ class RopeBertModel(RopeBertPreTrainedModel):
                 "encode: truncated %d of %d texts to max_length=%d tokens (pass max_length=... to change)",
                 n_trunc, len(texts), ml,
             )
+        return self._encode_ids(ids_list, batch_size, max_tokens, normalize, device, show_progress_bar)
+
+    def _pcw_chunks(self, texts: Sequence[str], tokenizer, prefix: str):
+        """PCW chunk id lists ([CLS] prefix chunk [SEP]) and, per chunk, the index of its text (LongTensor)."""
+        tok = tokenizer if tokenizer is not None else self.tokenizer
+        chunk = self.config.original_length - 2
+        if chunk < 1:
+            raise ValueError(f"pcw needs original length >= 3, got {self.config.original_length}")
+        cls_id, sep_id = tok.cls_token_id, tok.sep_token_id
+        if cls_id is None or sep_id is None:
+            raise ValueError("pcw needs a tokenizer with [CLS] and [SEP] tokens")
+        pre = tok([prefix], add_special_tokens=False, verbose=False)["input_ids"][0] if prefix else []
+        bodies = tok(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        ids_list, owner = [], []
+        for i, body in enumerate(bodies):
+            n = len(body)
+            starts = list(range(0, n - chunk, chunk)) + [max(0, n - chunk)]  # last chunk: the final `chunk` tokens
+            for s0 in starts:
+                ids_list.append([cls_id] + pre + body[s0 : s0 + chunk] + [sep_id])
+                owner.append(i)
+        return ids_list, torch.tensor(owner, dtype=torch.long)
+
+    def _encode_ids(self, ids_list, batch_size, max_tokens, normalize, device, show_progress_bar) -> torch.Tensor:
+        """Embed token id lists batched by length: (N, C) fp32 on CPU in input order."""
         device = torch.device(device) if device is not None else next(self.parameters()).device
         was_training = self.training
         self.eval()
@@ -675,7 +999,7 @@ class RopeBertModel(RopeBertPreTrainedModel):
         if cur:
             batches.append(cur)
         pad_id = self.config.pad_token_id or 0
-        out = torch.empty(len(texts), self.config.hidden_size, dtype=torch.float32)
+        out = torch.empty(len(ids_list), self.config.hidden_size, dtype=torch.float32)
         it = batches
         if show_progress_bar:
             from tqdm.auto import tqdm

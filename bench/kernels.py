@@ -1,0 +1,297 @@
+"""Kernel benchmarks for the device this runs on (not a test; prints a markdown table).
+
+    python bench/kernels.py            # GPU: full sizes, SelfExtend up to 32k tokens
+    python bench/kernels.py --quick    # CPU-sized: small RoPE/attention batches, SelfExtend at 1k/2k/4k
+
+1. RoPE fwd+bwd (q and k together): time and achieved GB/s (bytes of q, k read + written, forward and
+   backward) for triton (CUDA only: the CPU interpreter is no benchmark), torch eager, torch.compile.
+2. Attention fwd+bwd tokens/s for every registered backend that can run here, on a variable-length batch
+   (lengths uniform in 32..512), rotary included.
+3. SelfExtend fused (GPU: compiled FlexAttention partials merged by log-sum-exp; CPU: the query-chunked
+   formula, since FlexAttention cannot compile with its lse output on CPU) vs plain attention (sdpa) vs the
+   eager three-map reference, forward (inference), time and peak memory per length. Each measurement runs in a fresh
+   subprocess; peak memory is torch.cuda.max_memory_allocated on GPU and the sampled (1 ms) peak-RSS increase on CPU. The
+   reference is skipped where its three fp32 L x L score maps would not fit in --mem-limit-gb. A per-row time
+   cap (--time-cap) stops a method at the first length exceeding it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, device, warmup=2, iters=5, cap_s=20.0):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+        if sum(times) > cap_s:
+            break
+    times.sort()
+    return times[len(times) // 2]
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+# ---- 1. RoPE --------------------------------------------------------------------------------------------
+
+
+def bench_rope(device, dtype, tokens, H, D):
+    from ropebert.kernels import rotary_reference, rotary_triton, triton_available
+
+    qkv = torch.randn(tokens, 3, H, D, device=device, dtype=dtype)
+    q0, k0 = qkv[:, 0].contiguous(), qkv[:, 1].contiguous()
+    pos = torch.randint(0, 512, (tokens,), device=device)
+    inv = (1.0 / 10000.0 ** (torch.arange(0, D, 2, dtype=torch.float64, device=device) / D)).float()
+    impls = {"torch eager": rotary_reference}
+    try:
+        impls["torch.compile"] = torch.compile(rotary_reference)
+    except Exception as e:  # pragma: no cover
+        print(f"torch.compile unavailable: {e}")
+    if device.type == "cuda" and triton_available():
+        impls["triton"] = rotary_triton
+    # forward reads q, k and writes q', k'; backward reads dq', dk' and writes dq, dk
+    nbytes = 8 * tokens * H * D * torch.finfo(dtype).bits // 8
+    rows = []
+    for name, fn in impls.items():
+        q, k = q0.clone().requires_grad_(True), k0.clone().requires_grad_(True)
+        gq, gk = torch.randn_like(q), torch.randn_like(k)
+
+        def step():
+            a, b = fn(q, k, pos, inv)
+            torch.autograd.backward((a, b), (gq, gk))
+
+        try:
+            t = timeit(step, device)
+        except Exception as e:
+            rows.append((name, f"failed: {type(e).__name__}", "", ""))
+            continue
+        rows.append((name, f"{t * 1e3:.3f}", f"{nbytes / t / 1e9:.1f}", ""))
+    return rows, nbytes
+
+
+# ---- 2. attention backends ----------------------------------------------------------------------------------
+
+
+def bench_attention(device, dtype, n_seqs, H, D, seed=0):
+    from ropebert.model.modeling_ropebert import ATTENTION_BACKENDS, AttentionContext, attend, rope_inv_freq, rope_torch
+
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(32, 513, (n_seqs,), generator=g)
+    T, L = int(lens.sum()), int(lens.max())
+    mask = torch.arange(L)[None] < lens[:, None]
+    seqlens = lens.to(torch.int32).to(device)
+    mask = mask.to(device)
+    pos_pad = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    rows = []
+    for name, be in sorted(ATTENTION_BACKENDS.items()):
+        if not be.is_available(device, dtype):
+            rows.append((name, "n/a here", ""))
+            continue
+        common = dict(inv_freq=rope_inv_freq(D, 10000.0, device), seqlens=seqlens, scale=D**-0.5, dropout_p=0.0,
+                      rope_fn=rope_torch)
+        if be.packed:
+            shape = (T, H, D)
+            ctx = AttentionContext(packed=True, positions=pos_pad[mask], max_seqlen=L,
+                                   cu_seqlens=torch.nn.functional.pad(seqlens.cumsum(0, dtype=torch.int32), (1, 0)), **common)
+        else:
+            shape = (n_seqs, L, H, D)
+            ctx = AttentionContext(packed=False, positions=pos_pad, attention_mask=mask, has_padding=True, **common)
+        q, k, v = (torch.randn(*shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        go = torch.randn(*shape, device=device, dtype=dtype)
+
+        def step():
+            ctx._cos_sin = None
+            out = attend(q, k, v, ctx, be)
+            torch.autograd.backward(out, go)
+
+        try:
+            t = timeit(step, device)
+        except Exception as e:
+            rows.append((name, f"failed: {type(e).__name__}: {str(e)[:60]}", ""))
+            continue
+        rows.append((name, f"{T / t:,.0f}", f"{t * 1e3:.1f}"))
+    return rows, T, [int(lens.min()), int(lens.max())]
+
+
+# ---- 3. SelfExtend -------------------------------------------------------------------------------------------
+
+
+def _se_worker(args):
+    """Runs in a fresh subprocess: one (method, length) forward; prints a JSON line with time and peak memory."""
+    method, L, H, D, dev, dtype_name = args
+    from ropebert.model import modeling_ropebert as mr
+
+    device, dtype = torch.device(dev), getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, L, H, D, device=device, dtype=dtype) for _ in range(3))
+    ctx = mr.AttentionContext(
+        packed=False, positions=torch.arange(L, device=device)[None], inv_freq=mr.rope_inv_freq(D, 10000.0, device),
+        seqlens=torch.tensor([L], dtype=torch.int32, device=device), scale=D**-0.5, dropout_p=0.0,
+        attention_mask=torch.ones(1, L, dtype=torch.bool, device=device), has_padding=False,
+        self_extend=None if method == "plain" else (9, 64), original_length=512,
+    )
+    backend = mr.ATTENTION_BACKENDS["eager" if method == "eager three-map" else "sdpa"]
+
+    def step():
+        with torch.no_grad():
+            ctx._cos_sin = None
+            return mr.attend(q, k, v, ctx, backend)
+
+    step()  # warm-up (compilation, block masks)
+    sync(device)
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    sampled = [0]
+    done = threading.Event()
+
+    def sample_rss():  # CPU: peak RSS sampled every ms while the timed forwards run
+        while not done.is_set():
+            sampled[0] = max(sampled[0], rss())
+            time.sleep(0.001)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = rss()
+        sampler = threading.Thread(target=sample_rss, daemon=True)
+        sampler.start()
+    t = time.perf_counter()
+    n = 0
+    while True:
+        step()
+        sync(device)
+        n += 1
+        if n >= 3 or time.perf_counter() - t > 10:
+            break
+    dt = (time.perf_counter() - t) / n
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        done.set()
+        sampler.join()
+        peak = sampled[0] - base
+    print(json.dumps({"time_s": dt, "peak_bytes": max(peak, 0)}))
+
+
+def bench_self_extend(device, dtype, lengths, H, D, time_cap, mem_limit):
+    rows = []
+    stopped = set()
+    for L in lengths:
+        for method in ("plain", "fused", "eager three-map"):
+            if method in stopped:
+                rows.append((L, method, "skipped (time cap)", ""))
+                continue
+            if method == "eager three-map" and 3 * H * L * L * 4 > mem_limit:
+                rows.append((L, method, "skipped (3 L x L fp32 maps exceed --mem-limit-gb)", ""))
+                continue
+            arg = json.dumps([method, L, H, D, str(device), str(dtype).split(".")[-1]])
+            cmd = [sys.executable, __file__, "--se-worker", arg]
+            try:
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(120, 6 * time_cap))
+            except subprocess.TimeoutExpired:
+                rows.append((L, method, "timed out", ""))
+                stopped.add(method)
+                continue
+            if r.returncode != 0:
+                rows.append((L, method, "failed: " + (r.stderr.strip().splitlines() or ["?"])[-1][:80], ""))
+                stopped.add(method)
+                continue
+            res = json.loads(r.stdout.strip().splitlines()[-1])
+            rows.append((L, method, f"{res['time_s'] * 1e3:.1f}", f"{res['peak_bytes'] / 2**20:.1f}"))
+            if res["time_s"] > time_cap:
+                stopped.add(method)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="CPU-sized problems (SelfExtend at 1k/2k/4k)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--lengths", type=str, default=None, help="comma-separated SelfExtend lengths")
+    ap.add_argument("--time-cap", type=float, default=5.0, help="seconds per forward after which a method stops")
+    ap.add_argument("--mem-limit-gb", type=float, default=None, help="memory budget for the eager reference")
+    ap.add_argument("--se-worker", type=str, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.se_worker:
+        return _se_worker(json.loads(args.se_worker))
+
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    H, D = 12, 64
+    if args.lengths:
+        lengths = [int(x) for x in args.lengths.split(",")]
+    else:
+        lengths = [1024, 4096, 8192, 16384, 32768] if (on_gpu and not args.quick) else [1024, 2048, 4096]
+    if args.mem_limit_gb is not None:
+        mem_limit = args.mem_limit_gb * 2**30
+    elif on_gpu:
+        mem_limit = 0.8 * torch.cuda.get_device_properties(device).total_memory
+    else:
+        mem_limit = 4 * 2**30
+    rope_tokens = 65536 if (on_gpu and not args.quick) else 4096
+    n_seqs = 64 if (on_gpu and not args.quick) else 8
+
+    print(f"# ropebert kernel benchmarks\n")
+    print(f"- device: {device_name(device)}")
+    print(f"- date (UTC): {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}")
+    print(f"- torch {torch.__version__}, dtype {str(dtype).split('.')[-1]}, heads {H}, head_dim {D}")
+    print(f"- command: python bench/kernels.py {' '.join(sys.argv[1:])}\n")
+
+    rows, nbytes = bench_rope(device, dtype, rope_tokens, H, D)
+    print(f"## RoPE fwd+bwd, q and k, {rope_tokens} tokens ({nbytes / 2**20:.1f} MiB moved per fwd+bwd)\n")
+    if not on_gpu:
+        print("triton: not timed on CPU (only the Triton interpreter runs here; it is a correctness tool).\n")
+    print("| impl | ms | GB/s |\n|---|---|---|")
+    for name, ms, gbs, _ in rows:
+        print(f"| {name} | {ms} | {gbs} |")
+
+    rows, T, (lo, hi) = bench_attention(device, dtype, n_seqs, H, D)
+    print(f"\n## Attention fwd+bwd (rotary included), {n_seqs} sequences, lengths {lo}..{hi}, {T} tokens\n")
+    print("| backend | tokens/s | ms |\n|---|---|---|")
+    for name, tps, ms in rows:
+        print(f"| {name} | {tps} | {ms} |")
+
+    fused = "compiled FlexAttention partials, LSE-merged" if on_gpu else "query-chunked three-map formula, 512 queries/chunk"
+    print(f"\n## SelfExtend (g=9, w=64, original 512) forward, 1 sequence; fused = {fused}; plain = sdpa\n")
+    print("| length | method | ms | peak MiB |\n|---|---|---|---|")
+    for L, method, ms, mib in bench_self_extend(device, dtype, lengths, H, D, args.time_cap, mem_limit):
+        print(f"| {L} | {method} | {ms} | {mib} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

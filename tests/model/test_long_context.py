@@ -1,0 +1,327 @@
+"""Long-context config keys: validation and round trip, each method against an independent formulation,
+SelfExtend fused vs eager three-map reference (600-2,048 tokens), PCW, and the exported-directory acceptance test."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from ropebert.model import RopeBertConfig, RopeBertModel
+from ropebert.model.modeling_ropebert import (
+    SELF_EXTEND_IMPLS,
+    AttentionContext,
+    rope_inv_freq,
+    rope_torch,
+    self_extend_eager,
+)
+
+from ..conftest import padded_batch, tiny_config
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return RopeBertModel(tiny_config(**kw)).eval()
+
+
+@torch.no_grad()
+def _hidden(model, ids, mask, **kw):
+    return model(ids, mask, **kw).last_hidden_state
+
+
+# ---- configuration ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(self_extend={"group_size": 3, "window": 512}), "window"),
+        (dict(self_extend={"group_size": 0, "window": 64}), "group_size"),
+        (dict(self_extend={"group_size": 3}), "self_extend"),
+        (dict(rope_scaling={"type": "yarn", "factor": 2.0}), "unknown type 'yarn'"),
+        (dict(rope_scaling={"type": "pi", "factor": -2.0}), "factor"),
+        (dict(rope_scaling={"type": "dynamic_ntk", "factor": 0}), "factor"),
+        (dict(position_mode="grouped"), "position_mode"),
+        (dict(position_scale=0), "position_scale"),
+        (dict(attn_scale_base=1), "attn_scale_base"),
+        (dict(original_max_position_embeddings=0), "original_max_position_embeddings"),
+        (dict(rope_theta=-5.0), "rope_theta"),
+    ],
+)
+def test_bad_long_context_config_is_a_clear_error(bad, match):
+    with pytest.raises(ValueError, match=match):
+        RopeBertConfig(max_position_embeddings=512, **bad)
+
+
+def test_bad_config_json_fails_at_load(tmp_path):
+    RopeBertConfig(max_position_embeddings=512).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["self_extend"] = {"group_size": 4, "window": 600}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="self_extend.window"):
+        RopeBertConfig.from_pretrained(tmp_path)
+
+
+def test_keys_round_trip_through_config_json(tmp_path):
+    keys = dict(
+        rope_theta=50000.0, rope_scaling={"type": "dynamic_ntk", "factor": 4.0}, position_mode="gp", position_scale=2,
+        original_max_position_embeddings=512, self_extend={"group_size": 5, "window": 128}, attn_scale_base=None,
+    )
+    RopeBertConfig(**keys).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert {k: saved[k] for k in keys} == keys
+    loaded = RopeBertConfig.from_pretrained(tmp_path)
+    assert {k: getattr(loaded, k) for k in keys} == keys
+    assert RopeBertConfig().attn_scale_base == 512 and RopeBertConfig().rope_scaling is None
+
+
+# ---- each method against an independent formulation ----------------------------------------------------------
+
+
+def test_position_remaps_equal_explicit_position_ids():
+    ids, mask = padded_batch([40, 27])
+    plain = _model()
+    base_pos = torch.arange(40)[None].expand(2, -1)
+    for kw, pos in [
+        (dict(rope_scaling={"type": "pi", "factor": 4.0}), base_pos.float() / 4.0),
+        (dict(position_mode="gp", position_scale=3), base_pos // 3),
+        (dict(position_mode="rp", original_max_position_embeddings=16), base_pos % 16),
+    ]:
+        got = _hidden(_model(**kw), ids, mask)
+        want = _hidden(plain, ids, mask, position_ids=pos)
+        assert (got - want)[mask.bool()].abs().max() <= 1e-5, kw
+        assert (got - _hidden(plain, ids, mask))[mask.bool()].abs().max() > 1e-4, kw  # the remap did something
+
+
+def test_dynamic_ntk_uses_each_sequences_length():
+    orig, f = 16, 2.0
+    ids, mask = padded_batch([40, 12])
+    m = _model(original_max_position_embeddings=orig, rope_scaling={"type": "dynamic_ntk", "factor": f})
+    got = _hidden(m, ids, mask)
+    D = 32 // 4
+    theta = 10000.0 * (f * 40 / orig - (f - 1)) ** (D / (D - 2))
+    want_long = _hidden(_model(rope_theta=theta), ids[:1], mask[:1])
+    want_short = _hidden(_model(), ids[1:, :12], mask[1:, :12])  # within the original length: theta unchanged
+    assert (got[:1] - want_long).abs().max() <= 1e-5
+    assert (got[1:, :12] - want_short).abs().max() <= 1e-5
+    m.config.attn_backend = "sdpa_packed"  # per-token inv_freq on the packed path
+    assert (_hidden(m, ids, mask) - got)[mask.bool()].abs().max() <= 1e-5
+
+
+def test_attn_scale_base_scales_queries_of_long_sequences():
+    ids, mask = padded_batch([40, 10])
+    got = _hidden(_model(attn_scale_base=16), ids, mask)
+    ref = _model(attn_scale_base=None)
+    with torch.no_grad():
+        for layer in ref.encoder.layer:  # q * c after rotary == (W_q x + b_q) * c before it (rotation is linear)
+            layer.attention.self.query.weight.mul_(math.log(40) / math.log(16))
+            layer.attention.self.query.bias.mul_(math.log(40) / math.log(16))
+    assert (got[:1] - _hidden(ref, ids[:1], mask[:1])).abs().max() <= 1e-5
+    short = _hidden(_model(attn_scale_base=None), ids[1:, :10], mask[1:, :10])
+    assert (got[1:, :10] - short).abs().max() <= 1e-5  # 10 <= 16: no effect
+
+
+def test_self_extend_eager_matches_the_three_map_formula_elementwise():
+    """self_extend_eager against a per-(i, j) loop of LongEmbed's bidirectional SelfExtend."""
+    torch.manual_seed(0)
+    L, H, D, g, w, orig = 14, 2, 8, 3, 4, 8
+    q, k, v = (torch.randn(1, L, H, D, dtype=torch.float64) for _ in range(3))
+    inv = rope_inv_freq(D, 10000.0).double()
+    pos = torch.arange(L)[None] + 5  # offsets are fine: the maps use positions, the window token distance
+    ctx = AttentionContext(
+        packed=False, positions=pos, inv_freq=inv, seqlens=torch.tensor([L], dtype=torch.int32), scale=D**-0.5,
+        dropout_p=0.0, attention_mask=torch.ones(1, L, dtype=torch.bool), self_extend=(g, w), original_length=orig,
+    )
+    got = self_extend_eager(q, k, v, ctx)[0]  # (L, H, D)
+
+    def rot(x, p):  # x (H, D) at position p, rotate-half
+        a = p * inv
+        c, s = torch.cat((a.cos(), a.cos())), torch.cat((a.sin(), a.sin()))
+        return x * c + torch.cat((-x[:, D // 2 :], x[:, : D // 2]), -1) * s
+
+    p = pos[0].tolist()
+    want = torch.zeros(L, H, D, dtype=torch.float64)
+    for i in range(L):
+        s = torch.zeros(H, L, dtype=torch.float64)
+        for j in range(L):
+            if abs(i - j) < w:
+                qp, kp = p[i], p[j]
+            elif i > j:
+                qp, kp = p[i] // g + w - w // g, p[j] // g
+            else:
+                qp, kp = p[i] // g, p[j] // g + w - w // g
+            s[:, j] = (rot(q[0, i], qp) * rot(k[0, j], kp)).sum(-1) * D**-0.5
+        want[i] = torch.einsum("hj,jhd->hd", s.softmax(-1), v[0])
+    assert (got - want).abs().max() <= 1e-5  # the model rotates and scores in fp32
+
+
+def test_self_extend_group_size_one_is_plain_attention():
+    ids, mask = padded_batch([600])
+    plain = _hidden(_model(max_position_embeddings=512, num_hidden_layers=1), ids, mask)
+    se = _model(max_position_embeddings=512, num_hidden_layers=1, self_extend={"group_size": 1, "window": 32})
+    assert (_hidden(se, ids, mask) - plain).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "lengths, backend",
+    [([600, 300, 650], "sdpa"), ([1100, 512], "sdpa_packed"), ([2048], "sdpa")],
+)
+def test_self_extend_fused_matches_eager_reference(lengths, backend):
+    ids, mask = padded_batch(lengths)
+    m = _model(max_position_embeddings=512, num_hidden_layers=1, initializer_range=0.2,
+               self_extend={"group_size": 3, "window": 64})
+    m.config.attn_backend = "eager"
+    ref = _hidden(m, ids, mask)
+    m.config.attn_backend = backend
+    got = _hidden(m, ids, mask)
+    mk = mask.bool()
+    assert (got - ref)[mk].abs().max() <= 1e-4
+    m.config.self_extend = None
+    plain = _hidden(m, ids, mask)
+    assert (plain - ref)[mk].abs().max() > 100 * (got - ref)[mk].abs().max()  # SelfExtend really changed it
+    for b, n in enumerate(lengths):  # sequences within the original length: plain attention, exactly
+        if n <= 512:
+            assert (plain[b, :n] - ref[b, :n]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_self_extend_partials_match_eager_at_attention_level(packed):
+    """The FlexAttention (LSE-merged partials) and query-chunked implementations vs the eager reference,
+    on a batch mixing a long sequence, a short one (plain attention) and padding."""
+    torch.manual_seed(0)
+    lengths, H, D = [700, 300], 2, 16
+    L = max(lengths)
+    mask = torch.arange(L)[None] < torch.tensor(lengths)[:, None]
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    common = dict(inv_freq=rope_inv_freq(D, 10000.0), seqlens=seqlens, scale=D**-0.5, dropout_p=0.0,
+                  rope_fn=rope_torch, self_extend=(5, 48), original_length=512)
+    if packed:
+        ctx = AttentionContext(packed=True, positions=pos[mask], max_seqlen=L,
+                               cu_seqlens=torch.tensor([0, 700, 1000], dtype=torch.int32), **common)
+        shape = (sum(lengths), H, D)
+    else:
+        ctx = AttentionContext(packed=False, positions=pos, attention_mask=mask, has_padding=True, **common)
+        shape = (2, L, H, D)
+    q, k, v = (torch.randn(*shape) * 3 for _ in range(3))
+    ref = SELF_EXTEND_IMPLS["eager"](q, k, v, ctx)
+    valid = slice(None) if packed else mask
+    impls = {
+        "flex": SELF_EXTEND_IMPLS["flex"],
+        "chunked": SELF_EXTEND_IMPLS["chunked"],
+        "chunked-37": lambda *a: SELF_EXTEND_IMPLS["chunked"](*a, chunk=37),  # blocks not aligned to w
+    }
+    for impl, fn in impls.items():
+        got = fn(q, k, v, ctx)
+        assert got.shape == ref.shape
+        assert (got - ref)[valid].abs().max() <= 5e-5, impl  # fp32, |v| ~ 3, sharp softmax
+
+
+# ---- PCW --------------------------------------------------------------------------------------------------
+
+
+def test_pcw_chunks_and_averages(minilm_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir))
+    m = _model(vocab_size=tok.vocab_size, max_position_embeddings=16)  # chunks of 14 tokens
+    text = " ".join(f"word{i}" for i in range(20))
+    body = tok(text, add_special_tokens=False)["input_ids"]
+    n = len(body)
+    assert n > 28 and n % 14 != 0
+    starts = list(range(0, n - 14, 14)) + [n - 14]
+    pre = tok("passage: ", add_special_tokens=False)["input_ids"]
+    chunks = [[tok.cls_token_id] + pre + body[s : s + 14] + [tok.sep_token_id] for s in starts]
+    with torch.no_grad():
+        embs = [m.embed(torch.tensor([c]), normalize=False)[0] for c in chunks]
+    want = torch.nn.functional.normalize(torch.stack(embs).mean(0), dim=-1)
+    got = m.encode([text, "short"], tokenizer=tok, prefix="passage: ", pcw=True)
+    assert got.shape == (2, 32)
+    assert (got[0] - want).abs().max() <= 1e-5
+    short = m.encode(["short"], tokenizer=tok, prefix="passage: ")
+    assert (got[1] - short[0]).abs().max() <= 1e-5  # one chunk == the plain encoding
+
+
+# ---- acceptance: an exported directory applies edited long-context keys under plain transformers ------------
+
+FRESH = textwrap.dedent(
+    """
+    import importlib.abc, json, sys, warnings
+    warnings.filterwarnings("ignore")
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "ropebert":
+                raise ImportError("blocked in this test: " + name)
+    sys.meta_path.insert(0, Block())
+    import torch
+    from transformers import AutoModel
+    d, ids_file, out_file = sys.argv[1:4]
+    ids = torch.tensor(json.load(open(ids_file)))
+    model = AutoModel.from_pretrained(d, trust_remote_code=True).eval()
+    with torch.no_grad():
+        h = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    json.dump({"hidden": h[0].tolist(), "theta": model.config.rope_theta, "self_extend": model.config.self_extend,
+               "ropebert_imported": any(k.split(".")[0] == "ropebert" for k in sys.modules)}, open(out_file, "w"))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def exported_tiny(minilm_dir, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from ropebert.model.export import export_model
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir))
+    torch.manual_seed(0)
+    model = RopeBertModel(
+        tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=512, num_hidden_layers=1, initializer_range=0.2)
+    ).eval()
+    out = tmp_path_factory.mktemp("export") / "tiny-rope"
+    export_model(model, out, tokenizer=tok)
+    return model, out
+
+
+@pytest.mark.parametrize(
+    "edit", [{"rope_theta": 100000.0}, {"self_extend": {"group_size": 9, "window": 64}}], ids=["ntk", "self_extend"]
+)
+def test_exported_dir_applies_edited_long_context_keys(exported_tiny, edit, tmp_path):
+    import shutil
+
+    model, src = exported_tiny
+    d = tmp_path / "edited"
+    shutil.copytree(src, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(edit)
+    (d / "config.json").write_text(json.dumps(cfg))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, 20000, (1, 2048), generator=g)
+    ids[0, 0], ids[0, -1] = 101, 102  # [CLS] ... [SEP]
+    (tmp_path / "ids.json").write_text(json.dumps(ids.tolist()))
+    script = tmp_path / "fresh.py"
+    script.write_text(FRESH)
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    r = subprocess.run(
+        [sys.executable, "-I", str(script), str(d), str(tmp_path / "ids.json"), str(tmp_path / "out.json")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = json.loads((tmp_path / "out.json").read_text())
+    assert res["ropebert_imported"] is False
+    got = torch.tensor(res["hidden"])  # (2048, C)
+
+    # the in-repo eager reference with the same edit
+    ref_model = RopeBertModel(RopeBertConfig(**{**model.config.to_dict(), **edit, "attn_backend": "eager"})).eval()
+    ref_model.load_state_dict(model.state_dict())
+    ref = _hidden(ref_model, ids, torch.ones_like(ids))[0]
+    unedited = _hidden(model, ids, torch.ones_like(ids))[0]
+    err = (got - ref).abs().max().item()
+    assert err <= 1e-4
+    assert (unedited - ref).abs().max().item() > 100 * max(err, 1e-7)  # the edit was applied, not ignored
