@@ -14,6 +14,7 @@ from typing import Optional
 COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("ropebert.model.export:main", "export a model dir / checkpoint to a Hugging Face directory"),
     "similarity": ("ropebert.similarity:main", "embed texts with a model and print a cosine-similarity table"),
+    "eval": ("ropebert.pipelines.eval_cli:main", "evaluate: retrieval (BEIR), passkey, needle (LongEmbed-style)"),
 }
 
 
