@@ -395,7 +395,8 @@ def long_context(model, method: str, target_len: int):
 
 def evaluate_tasks(model, tasks: Sequence[SyntheticTask], method: str = "none", *, query_prefix: str = "query: ",
                    passage_prefix: str = "passage: ", batch_size: int = 8, max_tokens: Optional[int] = 16384,
-                   max_length: Optional[int] = None, device=None, show_progress_bar: bool = True) -> dict:
+                   max_length: Optional[int] = None, device=None, show_progress_bar: bool = True,
+                   tokenizer=None) -> dict:
     """Acc@1 per length and the average over lengths for one method. Documents are encoded at their own
     length (no truncation) unless max_length is given."""
     per_len, token_stats = {}, {}
@@ -403,8 +404,8 @@ def evaluate_tasks(model, tasks: Sequence[SyntheticTask], method: str = "none", 
         t0 = time.perf_counter()
         with long_context(model, method, task.length) as enc_kw:
             ml_doc = max_length or task.length + 64  # docs are <= length tokens by construction
-            q = model.encode(task.queries, prefix=query_prefix, batch_size=batch_size, device=device)
-            d = model.encode(task.docs, prefix=passage_prefix, batch_size=batch_size, max_length=ml_doc,
+            q = model.encode(task.queries, tokenizer, prefix=query_prefix, batch_size=batch_size, device=device)
+            d = model.encode(task.docs, tokenizer, prefix=passage_prefix, batch_size=batch_size, max_length=ml_doc,
                              max_tokens=max_tokens, device=device, show_progress_bar=show_progress_bar, **enc_kw)
         acc = accuracy_at_1(q @ d.T, task.gold)
         per_len[str(task.length)] = acc
