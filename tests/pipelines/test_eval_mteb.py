@@ -59,13 +59,12 @@ def test_protocol_and_mock_retrieval_task(wrapped, monkeypatch):
 def test_dataloader_and_legacy_list_inputs_agree(wrapped):
     from torch.utils.data import DataLoader
 
+    pytest.importorskip("mteb")
     from mteb.types import PromptType
 
     texts = ["rotary position embeddings", "the capital of France", "bread"]
     loader = DataLoader([{"text": t} for t in texts], batch_size=2,
                         collate_fn=lambda rows: {"text": [r["text"] for r in rows]})
-    from mteb.abstasks.task_metadata import TaskMetadata  # noqa: F401  (protocol type)
-
     a = wrapped.encode(loader, task_metadata=None, hf_split="test", hf_subset="default", prompt_type=PromptType.query)
     b = wrapped.encode(texts, task_name="AnyTask", prompt_type="query")
     direct = wrapped.model.encode(texts, prefix="query: ").numpy()
