@@ -452,6 +452,8 @@ def _main(task_name: str, argv: Optional[list[str]]) -> int:
 
     t0 = time.perf_counter()
     model = load_source(args.model).eval()
+    if args.device is None and torch.cuda.is_available():
+        args.device = "cuda"
     if args.device:
         model.to(args.device)
     tok = model.tokenizer
@@ -468,9 +470,12 @@ def _main(task_name: str, argv: Optional[list[str]]) -> int:
         r = evaluate_tasks(model, tasks, m, query_prefix=args.query_prefix, passage_prefix=args.passage_prefix,
                            batch_size=args.batch_size, max_tokens=args.max_tokens, max_length=args.max_length,
                            device=args.device, show_progress_bar=not args.no_progress)
+        presets = {}
+        for n in lengths:  # what the method set at each length: config keys and encode options together
+            cfg_updates, enc_kw = method_preset(m, n, model.config)
+            presets[str(n)] = {**cfg_updates, **enc_kw}
         results.append({"method": m, "metrics": r, "wall_time_s": round(time.perf_counter() - t1, 3),
-                        "presets": {str(n): method_preset(m, n, model.config)[0] or method_preset(m, n, model.config)[1]
-                                    for n in lengths}})
+                        "presets": presets})
     out = {
         "task": task_name,
         "model": args.model,

@@ -275,7 +275,7 @@ class SentenceTransformerEncoder:
 
         if not Path(path).is_dir():
             raise FileNotFoundError(f"st baseline: {path!r} is not a directory")
-        self.model = SentenceTransformer(str(path), device=settings.device or "cpu", local_files_only=True)
+        self.model = SentenceTransformer(str(path), device=settings.device, local_files_only=True)
         self.name = name or str(path)
         self.settings = settings
         prompts = dict(getattr(self.model, "prompts", None) or {})
@@ -387,7 +387,7 @@ def add_encode_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--passage-prefix", default="passage: ", help="prefix of documents (default 'passage: ')")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=16384, help="token budget per batch (bounded memory)")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the model's device)")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
     ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ap.add_argument("--output", default=None, help="write the result JSON here")
     ap.add_argument("--plot", default=None, help="write a PNG chart here")
@@ -414,6 +414,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise ValueError("eval retrieval: give at least one --model or --baseline")
     if args.top_k < 100:
         raise ValueError(f"eval retrieval: --top-k {args.top_k} < 100 would under-report recall@100")
+    if args.device is None and torch.cuda.is_available():
+        args.device = "cuda"
     settings = EncodeSettings(args.query_prefix, args.passage_prefix, args.batch_size, args.max_length,
                               args.max_tokens, args.device, not args.no_progress)
     t0 = time.perf_counter()

@@ -109,7 +109,7 @@ def test_cli_end_to_end_with_bm25(tmp_path, tiny_export, capsys):
     assert res["settings"]["query_prefix"] == "query: "
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
-    assert "| bm25" in printed and "nDCG@10" in printed
+    assert "| BM25 (bm25s)" in printed and "nDCG@10" in printed
 
 
 def test_cli_errors(tmp_path):
