@@ -352,9 +352,9 @@ def encode_supports(model, option: str) -> bool:
     return option in inspect.signature(model.encode).parameters
 
 
-def apply_long_context_method(model, method: str, target_len: int) -> dict:
-    """Set the config keys of `method` for `target_len` on `model` (in place) and return the extra encode
-    kwargs. Raises RuntimeError when this model version lacks a needed key / encode option."""
+def check_method_supported(model, method: str, target_len: int) -> tuple[dict, dict]:
+    """method_preset(...) after checking that this model version has every key / encode option it needs
+    (RuntimeError naming them otherwise)."""
     updates, encode_kwargs = method_preset(method, target_len, model.config)
     missing = sorted(k for k in updates if k not in supported_config_keys(model.config))
     if missing:
@@ -366,6 +366,13 @@ def apply_long_context_method(model, method: str, target_len: int) -> dict:
         if not encode_supports(model, opt):
             raise RuntimeError(f"method {method!r} needs model.encode(..., {opt}=True), which this ropebert "
                                "version does not implement yet")
+    return updates, encode_kwargs
+
+
+def apply_long_context_method(model, method: str, target_len: int) -> dict:
+    """Set the config keys of `method` for `target_len` on `model` (in place) and return the extra encode
+    kwargs. Raises RuntimeError when this model version lacks a needed key / encode option."""
+    updates, encode_kwargs = check_method_supported(model, method, target_len)
     for k, v in updates.items():
         setattr(model.config, k, copy.deepcopy(v))
     if hasattr(model.config, "validate_ropebert"):
@@ -456,6 +463,8 @@ def _main(task_name: str, argv: Optional[list[str]]) -> int:
         args.device = "cuda"
     if args.device:
         model.to(args.device)
+    for m in methods:  # fail before generating anything when a method is not implemented by this model
+        check_method_supported(model, m, max(lengths))
     tok = model.tokenizer
     if task_name == "passkey":
         tasks = generate_passkey(lengths, args.num_queries, args.num_docs, args.seed, tok, args.passage_prefix)
@@ -499,7 +508,7 @@ def _main(task_name: str, argv: Optional[list[str]]) -> int:
         write_json(out, args.output)
     if args.plot:
         acc = [[r["metrics"]["acc@1"][str(n)] for n in lengths] for r in results]
-        accuracy_heatmap(methods, lengths, acc, args.plot, title=f"{task_name} Acc@1 (%) — {Path(args.model).name}")
+        accuracy_heatmap(methods, lengths, acc, args.plot, title=f"{task_name} Acc@1 (%) — {'/'.join(Path(args.model).parts[-2:])}")
         print(f"wrote {args.plot}")
     return 0
 

@@ -71,7 +71,9 @@ def accuracy_heatmap(methods: Sequence[str], lengths: Sequence[int], acc, path, 
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
             v = grid[i, j]
-            ax.text(j, i, "—" if np.isnan(v) else f"{v:.0f}", ha="center", va="center", fontsize=9,
+            last = j == grid.shape[1] - 1
+            txt = "—" if np.isnan(v) else (f"{v:.1f}" if last else f"{v:.0f}")
+            ax.text(j, i, txt, ha="center", va="center", fontsize=9,
                     color="black", fontweight="bold" if j == grid.shape[1] - 1 else "normal")
     fig.colorbar(im, ax=ax, label="Acc@1 (%)", fraction=0.04)
     ax.set_title(title or "Acc@1 (%)", fontsize=10)
