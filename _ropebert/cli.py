@@ -12,9 +12,9 @@ import sys
 from typing import Optional
 
 COMMANDS: dict[str, tuple[str, str]] = {
+    "eval": ("ropebert.pipelines.eval_cli:main", "evaluate: retrieval (BEIR), passkey, needle (LongEmbed-style)"),
     "export": ("ropebert.model.export:main", "export a model dir / checkpoint to a Hugging Face directory"),
     "similarity": ("ropebert.similarity:main", "embed texts with a model and print a cosine-similarity table"),
-    "eval": ("ropebert.pipelines.eval_cli:main", "evaluate: retrieval (BEIR), passkey, needle (LongEmbed-style)"),
 }
 
 
