@@ -12,6 +12,7 @@ import sys
 from typing import Optional
 
 COMMANDS: dict[str, tuple[str, str]] = {
+    "eval": ("ropebert.pipelines.eval_cli:main", "evaluate: retrieval (BEIR), passkey, needle (LongEmbed-style)"),
     "export": ("ropebert.model.export:main", "export a model dir / checkpoint to a Hugging Face directory"),
     "similarity": ("ropebert.similarity:main", "embed texts with a model and print a cosine-similarity table"),
     "shards": ("ropebert.shards.build:main", "build / inspect / verify webdataset shards (+ manifest.json)"),
