@@ -219,6 +219,76 @@ def passage_text(doc: dict) -> str:
     return f"{title} {text}" if title else text
 
 
+def _scan_beir_jsonl(path: Path) -> Iterator[Union[tuple[dict, str], Bad]]:
+    """(object, "file:line") per non-blank line of a BEIR corpus/queries file, or a Bad naming file:line."""
+    with open(path, "rb") as f:
+        for ln, raw in enumerate(f, 1):
+            where = f"{path}:{ln}"
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield Bad(where, "non-UTF-8 bytes", f"byte {e.start}")
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield Bad(where, "malformed JSON", e.msg + f" at column {e.colno}")
+                continue
+            if not isinstance(obj, dict):
+                yield Bad(where, "not a JSON object", type(obj).__name__)
+            elif "_id" not in obj:
+                yield Bad(where, "missing field", "'_id'")
+            else:
+                yield obj, where
+
+
+def _load_beir_objects(path: Path, what: str) -> tuple[dict[str, tuple[dict, str]], list[Bad]]:
+    """{_id: (object, where)} of a BEIR jsonl file plus the Bads met (bad lines, duplicate _ids after the first)."""
+    objs: dict[str, tuple[dict, str]] = {}
+    bads: list[Bad] = []
+    for x in _scan_beir_jsonl(path):
+        if isinstance(x, Bad):
+            bads.append(x)
+            continue
+        obj, where = x
+        i = str(obj["_id"])
+        if i in objs:
+            bads.append(Bad(where, "duplicate key", f"{what} _id {i!r} first seen at {objs[i][1]}"))
+            continue
+        objs[i] = (obj, where)
+    return objs, bads
+
+
+def _scan_qrels(path: Path) -> Iterator[Union[tuple[str, str, int, str], Bad]]:
+    """(query-id, corpus-id, grade, "file:line") per qrels line (header optional), or a Bad naming file:line."""
+    first = True
+    with open(path, "rb") as f:
+        for ln, raw in enumerate(f, 1):
+            where = f"{path}:{ln}"
+            if not raw.strip():
+                continue
+            is_first, first = first, False
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield Bad(where, "non-UTF-8 bytes", f"byte {e.start}")
+                continue
+            parts = [c.strip() for c in line.rstrip("\r\n").split("\t")]
+            if is_first and parts[0] in ("query-id", "qid", "query_id"):
+                continue
+            if len(parts) != 3:
+                yield Bad(where, "malformed qrels line", f"{len(parts)} columns, expected query-id<TAB>corpus-id<TAB>score")
+                continue
+            try:
+                grade = int(float(parts[2]))
+            except ValueError:
+                yield Bad(where, "malformed qrels line", f"score {parts[2]!r} is not a number")
+                continue
+            yield parts[0], parts[1], grade, where
+
+
 def _beir(inputs: list[str], opts: SourceOptions):
     if len(inputs) != 1:
         raise ValueError("--format beir takes exactly one --input directory")
@@ -230,53 +300,57 @@ def _beir(inputs: list[str], opts: SourceOptions):
         raise ValueError(f"--beir-mode must be qrels or title, got {opts.beir_mode!r}")
 
     def title_it() -> Iterator[Item]:
-        with open(corpus_path, "rb") as f:
-            for ln, raw in enumerate(f, 1):
-                where = f"{corpus_path}:{ln}"
-                if not raw.strip():
-                    continue
-                try:
-                    obj = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    yield Bad(where, "non-UTF-8 bytes", f"byte {e.start}")
-                    continue
-                except json.JSONDecodeError as e:
-                    yield Bad(where, "malformed JSON", e.msg)
-                    continue
-                try:
-                    if not isinstance(obj, dict) or "_id" not in obj:
-                        raise _BadField("missing field", "'_id'")
-                    yield Record(sanitize_key(obj["_id"]), {"query": _text(obj, "title"), "positive": _text(obj, "text")}, where)
-                except _BadField as e:
-                    yield Bad(where, e.reason, e.detail)
+        # duplicate _ids surface as duplicate keys in the build loop (with both locations)
+        for x in _scan_beir_jsonl(corpus_path):
+            if isinstance(x, Bad):
+                yield x
+                continue
+            obj, where = x
+            try:
+                yield Record(sanitize_key(obj["_id"]), {"query": _text(obj, "title"), "positive": _text(obj, "text")}, where)
+            except _BadField as e:
+                yield Bad(where, e.reason, e.detail)
 
     def qrels_it() -> Iterator[Item]:
         qrels_path = root / "qrels" / f"{opts.beir_split}.tsv"
-        if not qrels_path.is_file():
-            raise FileNotFoundError(f"{qrels_path}: missing (BEIR qrels for split {opts.beir_split!r})")
-        queries = read_beir_jsonl(root / "queries.jsonl", "query")
-        corpus = read_beir_jsonl(corpus_path, "corpus")
-        qrels = read_qrels(qrels_path)
-        for qid in sorted(qrels):
-            for did in sorted(qrels[qid]):
-                where = f"{qrels_path}:{qid}/{did}"
-                if qrels[qid][did] < opts.min_grade:
-                    continue
-                if qid not in queries:
-                    yield Bad(where, "unknown query id", qid)
-                    continue
-                if did not in corpus:
-                    yield Bad(where, "unknown corpus id", did)
-                    continue
-                try:
-                    q = _text(queries[qid], "text")
-                    p = passage_text(corpus[did])
-                    if not p.strip():
-                        raise _BadField("empty or whitespace-only text", "'text'")
-                    yield Record(sanitize_key(f"{qid}-{did}"), {"query": q, "positive": p,
-                                                                "meta": {"qid": qid, "doc_id": did, "grade": qrels[qid][did]}}, where)
-                except _BadField as e:
-                    yield Bad(where, e.reason, e.detail)
+        queries_path = root / "queries.jsonl"
+        for p, what in ((qrels_path, f"BEIR qrels for split {opts.beir_split!r}"), (queries_path, "BEIR queries")):
+            if not p.is_file():
+                raise FileNotFoundError(f"{p}: missing ({what})")
+        # bad lines of every file are reported (or counted) before any pair is formed
+        corpus, bads = _load_beir_objects(corpus_path, "corpus")
+        queries, qbads = _load_beir_objects(queries_path, "query")
+        yield from bads
+        yield from qbads
+        judgements = []
+        for x in _scan_qrels(qrels_path):
+            if isinstance(x, Bad):
+                yield x
+            else:
+                judgements.append(x)
+        judgements.sort(key=lambda j: (j[0], j[1]))  # stable: a repeated judgement follows its first occurrence
+        for qid, did, grade, where in judgements:
+            if grade < opts.min_grade:
+                continue
+            if qid not in queries:
+                yield Bad(where, "unknown query id", qid)
+                continue
+            if did not in corpus:
+                yield Bad(where, "unknown corpus id", did)
+                continue
+            try:
+                q = _text(queries[qid][0], "text")
+                doc = corpus[did][0]
+                if not isinstance(doc.get("text"), str):
+                    raise _BadField("missing field" if "text" not in doc else "field is not a string",
+                                    f"'text' of corpus _id {did!r} ({corpus[did][1]})")
+                p = passage_text(doc)
+                if not p.strip():
+                    raise _BadField("empty or whitespace-only text", f"corpus _id {did!r} ({corpus[did][1]})")
+                yield Record(sanitize_key(f"{qid}-{did}"), {"query": q, "positive": p,
+                                                            "meta": {"qid": qid, "doc_id": did, "grade": grade}}, where)
+            except _BadField as e:
+                yield Bad(where, e.reason, e.detail)
 
     desc = {"format": "beir", "inputs": [str(root)], "mode": opts.beir_mode}
     if opts.beir_mode == "qrels":

@@ -197,3 +197,43 @@ def test_stage2_jsonl_keeps_negatives_and_scores_in_one_sample(tmp_path, capsys)
     assert m["kind"] == "hard_negatives" and m["total_samples"] == 5
     key, s = next(iter_shard(shard_path(tmp_path / "ok", m["shards"][0])))
     assert len(s["negatives"]) == 7 and len(s["scores"]) == 8 and s["negatives"][0] == "n0_0"
+
+
+def _write_beir(root, corpus_lines, query_lines, qrels_lines):
+    (root / "qrels").mkdir(parents=True)
+    for name, lines in (("corpus.jsonl", corpus_lines), ("queries.jsonl", query_lines)):
+        with open(root / name, "wb") as f:
+            for x in lines:
+                f.write(x if isinstance(x, bytes) else (json.dumps(x) + "\n").encode())
+    (root / "qrels" / "test.tsv").write_text("\n".join(qrels_lines) + "\n")
+    return root
+
+
+def test_beir_bad_inputs_fail_with_file_line_or_are_counted(tmp_path, capsys):
+    good_corpus = [{"_id": f"d{i}", "title": "", "text": f"passage {i}"} for i in range(4)]
+    good_queries = [{"_id": f"q{i}", "text": f"query {i}"} for i in range(4)]
+    good_qrels = ["query-id\tcorpus-id\tscore"] + [f"q{i}\td{i}\t1" for i in range(4)]
+    cases = [  # (what is broken, corpus, queries, qrels, expected "file:line: reason")
+        ("corpus malformed JSON", good_corpus[:2] + [b'{"_id": "d9", \n'] + good_corpus[2:], good_queries, good_qrels,
+         "corpus.jsonl:3: malformed JSON"),
+        ("query non-UTF-8", good_corpus, good_queries[:1] + [b'{"_id": "q8", "text": "caf\xe9"}\n'] + good_queries[1:],
+         good_qrels, "queries.jsonl:2: non-UTF-8 bytes"),
+        ("corpus duplicate _id", good_corpus + [{"_id": "d1", "text": "again"}], good_queries, good_qrels,
+         "corpus.jsonl:5: duplicate key"),
+        ("qrels bad score", good_corpus, good_queries, good_qrels[:2] + ["q1\td1\thigh"] + good_qrels[3:],
+         "test.tsv:3: malformed qrels line"),
+        ("empty passage", good_corpus[:3] + [{"_id": "d3", "text": "   "}], good_queries, good_qrels,
+         "test.tsv:5: empty or whitespace-only text"),
+        ("repeated judgement", good_corpus, good_queries, good_qrels + ["q2\td2\t3"], "test.tsv:6: duplicate key"),
+    ]
+    for i, (name, corpus, queries, qrels, msg) in enumerate(cases):
+        root = _write_beir(tmp_path / f"beir{i}", corpus, queries, qrels)
+        args = ["shards", "build", "--input", str(root), "--format", "beir", "--no-progress"]
+        capsys.readouterr()
+        assert cli(args + ["--out", str(tmp_path / f"fail{i}")]) == 1, name
+        err = capsys.readouterr().err
+        assert f"{root}/" in err and msg in err, (name, err)
+        assert cli(args + ["--out", str(tmp_path / f"skip{i}"), "--on-error", "skip"]) == 0, name
+        m = load_manifest(tmp_path / f"skip{i}")
+        assert m["skipped"]["count"] == 1 and msg in m["skipped"]["examples"][0], (name, m["skipped"])
+        assert m["total_samples"] == (3 if name in ("qrels bad score", "empty passage") else 4), name
