@@ -29,8 +29,8 @@ def run(shards: str, tokenizer: str, workers: int, batch_size: int, batches: int
                          max_passage_length=max_passage_length)
     dm.setup("fit")
     pairs = tokens = padded = n = 0
-    t0 = None
     it = iter(dm.train_dataloader())
+    t0 = time.perf_counter() if warmup <= 0 else None  # no warm-up: worker start-up is timed too
     epochs = 0
     while n < warmup + batches:
         try:

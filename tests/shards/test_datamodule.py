@@ -84,7 +84,7 @@ def test_resume_from_cursor_continues_exactly(pair_shards, minilm_dir, tmp_path)
     assert [b["keys"] for b in end_dm.train_dataloader()] == nxt
 
 
-def test_fingerprint_mismatch_refused_unless_replan(pair_shards, minilm_dir):
+def test_fingerprint_mismatch_refused_unless_replan(pair_shards, minilm_dir, tmp_path):
     dm = _dm(pair_shards, minilm_dir)
     it = iter(dm.train_dataloader())
     for _ in range(4):
@@ -92,8 +92,14 @@ def test_fingerprint_mismatch_refused_unless_replan(pair_shards, minilm_dir):
     state = dm.state_dict()
     for change in (dict(world=1), dict(num_workers=1), dict(batch_size=3), dict(seed=5)):
         other = _dm(pair_shards, minilm_dir, **change)
-        with pytest.raises(ValueError, match="plan changed"):
+        with pytest.raises(ValueError, match="plan changed.*" + next(iter(change)).replace("world", "world_size")
+                           .replace("num_workers", "workers")):
             other.load_state_dict(state)
+    # a changed manifest (one more sample in the last shard) is refused too, naming the manifest
+    changed = tmp_path / "changed"
+    make_pair_shards(changed, SIZES[:-1] + [SIZES[-1] + 1])
+    with pytest.raises(ValueError, match="plan changed.*manifest"):
+        _dm(changed, minilm_dir).load_state_dict(state)
     other = _dm(pair_shards, minilm_dir, world=1, allow_replan=True)
     other.load_state_dict(state)
     assert other._pending[0] == 0 and 0 < other._pending[1] < other.batches_per_rank
