@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 from .configuration_ropebert import RopeBertConfig
 from .modeling_ropebert import RopeBertModel
+from .training_checkpoint import load_training_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ DEFAULT_PROMPTS = {"query": "query: ", "passage": "passage: "}
 
 # Loaders for SRC kinds other than HF directories (e.g. training checkpoints), keyed by file suffix.
 # A loader takes the path and returns a RopeBertModel (with its tokenizer attached when known).
-SOURCE_LOADERS: dict[str, Callable[[str], RopeBertModel]] = {}
+SOURCE_LOADERS: dict[str, Callable[[str], RopeBertModel]] = {".ckpt": load_training_checkpoint}
 
 
 def check_exported_source(path: Path) -> None:

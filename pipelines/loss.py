@@ -1,0 +1,179 @@
+# Copyright ropebert contributors. Apache-2.0.
+"""The contrastive loss: InfoNCE over the global batch, with explicit gather semantics.
+
+Gather semantics (one place, used by every training path):
+
+* Every rank holds B local queries, B local positives and optionally B*K local hard negatives.
+* `gather=True` all-gathers passages and negatives from every rank WITH gradient (`all_gather_with_grad`):
+  forward concatenates the ranks' tensors in rank order, backward all-reduces (sums) the incoming gradient and
+  returns this rank's slice.
+* Each LOCAL query scores against all W*B global passages and all W*B*K global negatives; its label is its own
+  positive's global index `rank * B + i`. The loss is the mean over the local queries.
+
+Why no extra x world-size factor is needed: the per-rank loss is L_r = mean over r's queries. Data-parallel
+training averages parameter gradients over ranks, i.e. it optimises (1/W) sum_r L_r, which is exactly the
+mean cross-entropy over all W*B queries, the single-process loss on the concatenated batch. The gradient of
+that objective w.r.t. rank s's passage embeddings is (1/W) sum_r dL_r/dp_s; the all-gather backward delivers
+sum_r dL_r/dp_s to rank s (the all-reduce sum), and the data-parallel average supplies the 1/W. Queries only
+enter their own rank's loss, so their gradient needs no communication. Multiplying by W would only be needed
+if the backward did NOT sum the other ranks' contributions (a plain, gradient-less all_gather plus a "local
+loss"). tests/pipelines/test_loss.py checks loss and every parameter gradient of 2 gloo ranks x B against a
+single process on the same 2B examples.
+
+Logits, log-softmax and the loss are computed in fp32 with autocast disabled, whatever the caller's precision.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+__all__ = ["all_gather_with_grad", "contrastive_loss", "ContrastiveStats", "dist_info"]
+
+
+def dist_info() -> tuple[int, int]:
+    """(world_size, rank) of the default process group, (1, 0) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """(N, ...) per rank -> (W*N, ...) in rank order; backward: all-reduce(sum) the gradient, keep own slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world, rank = dist_info()
+        ctx.rank, ctx.n = rank, x.shape[0]
+        sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device))
+        if any(int(s) != x.shape[0] for s in sizes):
+            raise RuntimeError(
+                f"all_gather_with_grad: ranks hold different batch sizes {[int(s) for s in sizes]}; the shard plan "
+                "gives every rank equal batches — a custom loader must too")
+        out = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 with gradient (identity without a process group)."""
+    world, _ = dist_info()
+    if world == 1:
+        return x
+    return _AllGatherWithGrad.apply(x)
+
+
+class ContrastiveStats(dict):
+    """Detached diagnostics of one loss call: pos_sim, neg_sim (mean cosine), hardest_neg_sim, accuracy,
+    infonce, kl (when distilling)."""
+
+
+def contrastive_loss(
+    query_emb: torch.Tensor,
+    passage_emb: torch.Tensor,
+    negative_emb: Optional[torch.Tensor] = None,
+    *,
+    temperature: Union[float, torch.Tensor] = 0.01,
+    teacher_scores: Optional[torch.Tensor] = None,
+    alpha: float = 0.2,
+    teacher_temperature: float = 1.0,
+    symmetric: bool = False,
+    gather: bool = False,
+    return_stats: bool = False,
+):
+    """InfoNCE with in-batch (and hard) negatives, optional distillation; returns the scalar loss.
+
+    Args:
+        query_emb: (B, D) L2-normalised query embeddings (this rank's).
+        passage_emb: (B, D) L2-normalised positives; row i is query i's positive.
+        negative_emb: optional (B, K, D) L2-normalised hard negatives; [i, k] belongs to query i.
+        temperature: tau (float, or a 0-d tensor for a learnable temperature); logits = cosine / tau.
+        teacher_scores: optional (B, 1+K) teacher logits over each query's own candidates, positive first.
+            With them: loss = alpha * InfoNCE + KL(softmax(teacher / teacher_temperature) || softmax(student)),
+            where the student logits are the query's cosines to its own 1+K candidates / tau; batch mean.
+        alpha: weight of InfoNCE when distilling (LongEmbed / E5 stage 2: 0.2).
+        teacher_temperature: divides teacher_scores before the softmax (1.0: the scores are logits as given).
+        symmetric: add the passage->query direction (each local positive against all global queries) and
+            average the two directions.
+        gather: score each local query against the GLOBAL batch's passages and negatives (all ranks), gathered
+            with gradient; labels are offset by rank. No-op without an initialised process group.
+        return_stats: also return a ContrastiveStats dict (detached).
+
+    Each query's candidates are all (W*)B passages followed by all (W*)B*K negatives; its label is its own
+    positive. A query's own hard negatives are therefore scored as negatives, never as its positive.
+    """
+    if query_emb.dim() != 2 or passage_emb.shape != query_emb.shape:
+        raise ValueError(f"contrastive_loss: query_emb {tuple(query_emb.shape)} and passage_emb "
+                         f"{tuple(passage_emb.shape)} must both be (B, D)")
+    B, D = query_emb.shape
+    if B == 0:
+        raise ValueError("contrastive_loss: empty batch")
+    K = 0
+    if negative_emb is not None:
+        if negative_emb.dim() != 3 or negative_emb.shape[0] != B or negative_emb.shape[2] != D:
+            raise ValueError(f"contrastive_loss: negative_emb must be (B={B}, K, D={D}), got {tuple(negative_emb.shape)}")
+        K = negative_emb.shape[1]
+    if teacher_scores is not None:
+        if negative_emb is None:
+            raise ValueError("contrastive_loss: teacher_scores need negative_emb (distillation is over 1+K candidates)")
+        if tuple(teacher_scores.shape) != (B, 1 + K):
+            raise ValueError(f"contrastive_loss: teacher_scores must be (B={B}, 1+K={1 + K}), got {tuple(teacher_scores.shape)}")
+    if isinstance(temperature, (int, float)) and temperature <= 0:
+        raise ValueError(f"contrastive_loss: temperature must be > 0, got {temperature}")
+
+    device_type = query_emb.device.type
+    with torch.autocast(device_type=device_type, enabled=False):
+        q = query_emb.float()  # (B, D)
+        p = passage_emb.float()  # (B, D)
+        n = negative_emb.float().reshape(B * K, D) if K else None  # (B*K, D)
+        world, rank = dist_info() if gather else (1, 0)
+        p_all = all_gather_with_grad(p) if world > 1 else p  # (W*B, D)
+        n_all = (all_gather_with_grad(n) if world > 1 else n) if K else None  # (W*B*K, D)
+        cands = p_all if n_all is None else torch.cat([p_all, n_all], dim=0)  # (W*B*(1+K), D)
+        tau = temperature.float() if torch.is_tensor(temperature) else float(temperature)
+        logits = q @ cands.T / tau  # (B, W*B*(1+K))
+        labels = torch.arange(B, device=q.device) + rank * B  # (B,)
+        infonce = F.cross_entropy(logits, labels)
+        if symmetric:
+            q_all = all_gather_with_grad(q) if world > 1 else q  # (W*B, D)
+            logits_p = p @ q_all.T / tau  # (B, W*B)
+            infonce = 0.5 * (infonce + F.cross_entropy(logits_p, labels))
+        loss = infonce
+        kl = None
+        if teacher_scores is not None:
+            own = torch.cat([p[:, None, :], n.view(B, K, D)], dim=1)  # (B, 1+K, D)
+            student = torch.einsum("bd,bkd->bk", q, own) / tau  # (B, 1+K)
+            t_logp = F.log_softmax(teacher_scores.float() / teacher_temperature, dim=-1)
+            s_logp = F.log_softmax(student, dim=-1)
+            kl = F.kl_div(s_logp, t_logp, reduction="batchmean", log_target=True)  # KL(teacher || student)
+            loss = alpha * infonce + kl
+    if not return_stats:
+        return loss
+    with torch.no_grad():
+        pos = (q * p).sum(-1)  # (B,)
+        sims = logits.detach() * tau
+        neg_mask = torch.ones_like(sims, dtype=torch.bool)
+        neg_mask[torch.arange(B), labels] = False
+        neg = sims.masked_fill(~neg_mask, float("nan"))
+        stats = ContrastiveStats(
+            infonce=infonce.detach(),
+            pos_sim=pos.mean(),
+            neg_sim=torch.nanmean(neg),
+            hardest_neg_sim=neg.nan_to_num(-2.0).amax(-1).mean(),
+            accuracy=(logits.detach().argmax(-1) == labels).float().mean(),
+        )
+        if K:
+            stats["hard_neg_sim"] = torch.einsum("bd,bkd->bk", q, n.view(B, K, D)).mean()
+        if kl is not None:
+            stats["kl"] = kl.detach()
+    return loss, stats
