@@ -5,9 +5,10 @@
    directory, or a BERT directory converted on the fly).
 2. Retrieve the top-k passages per query: exact cosine similarity by blocked matmul (CPU or GPU), or a faiss
    IndexFlatIP when faiss is installed (`--index auto|exact|faiss`).
-3. Drop every judged positive of the query (any qrels grade >= 1; for pair shards: every positive of the same
-   query text) and the likely false negatives: candidates scoring above `--guard-value` x the positive's score
-   (`--guard perc`, NV-Retriever's TopK-PercPos, default 0.95) or above positive - value (`--guard margin`).
+3. Drop every judged positive of the query (any qrels grade >= 1, and any corpus copy of its text; for pair
+   shards: every positive of the same query text), repeated texts among the candidates, and the likely false
+   negatives: candidates scoring above `--guard-value` x the positive's score (`--guard perc`, NV-Retriever's
+   TopK-PercPos, default 0.95) or above positive - value (`--guard margin`).
 4. Sample K (7) negatives deterministically per query (seeded by (seed, key)), keep them in score order, and
    write one sample per query: query, positive, negatives, scores = [positive, negatives...] similarities
    (the teacher scores stage 2 can distil from).
@@ -106,6 +107,12 @@ def load_beir(root: Path, split: str, min_grade: int, corpus_limit: Optional[int
         keep = need | set(others)
         ids = [d for d in ids if d in keep]
     texts = [passage_text(corpus[d]) for d in ids]
+    # a corpus may hold the same passage under several ids: a copy of a judged passage is judged too
+    ids_of_text: dict[str, set] = {}
+    for d in ids:
+        ids_of_text.setdefault(passage_text(corpus[d]), set()).add(d)
+    for key, rel in judged.items():
+        judged[key] = rel.union(*(ids_of_text.get(passage_text(corpus[d]), set()) for d in rel if d in corpus))
     return items, ids, texts, judged
 
 
@@ -238,8 +245,13 @@ def mine(args) -> dict:
         writer = ShardWriter(out, maxcount=10**12, start_index=len(state["shards"]))
         written = 0
         for j, (key, qid, qtext, pid) in enumerate(part):
-            cand = [corpus_ids[i] for i in idx[j].tolist()][: args.top_k + len(judged[key])]
-            cs = scores[j].tolist()[: len(cand)]
+            cand, cs, texts_seen = [], [], set()
+            for i, sc in zip(idx[j].tolist()[: args.top_k + len(judged[key])], scores[j].tolist()):
+                if corpus_texts[i] in texts_seen:  # duplicate passages: one negative, not several copies
+                    continue
+                texts_seen.add(corpus_texts[i])
+                cand.append(corpus_ids[i])
+                cs.append(sc)
             ps = float(pos_scores[j])
             neg_ids, neg_scores = pick_negatives(key, cand, cs, ps, judged[key], k=args.num_negatives,
                                                  guard=args.guard, guard_value=args.guard_value, seed=args.seed)

@@ -107,3 +107,28 @@ def test_mine_pair_shards_deterministic_and_restartable(tmp_path, minilm_dir, ca
     dm.setup("fit")
     b = next(iter(dm.train_dataloader()))
     assert b["negatives"]["input_ids"].shape[0] == 28 and b["teacher_scores"].shape == (4, 8)
+
+
+def test_mine_drops_copies_of_judged_passages_and_repeated_texts(tmp_path, minilm_dir, cached_model):
+    """A corpus copy of a judged passage (another id, same text) is never a negative, even without the guard;
+    repeated texts give one negative, not several copies."""
+    import json
+
+    root = tmp_path / "beir"
+    (root / "qrels").mkdir(parents=True)
+    docs = [("pos", "The Eiffel Tower is in Paris, the capital of France."),
+            ("copy", "The Eiffel Tower is in Paris, the capital of France."),  # unjudged copy of the positive
+            ("dupa", "Berlin is the capital of Germany."), ("dupb", "Berlin is the capital of Germany.")]
+    docs += [(f"n{i}", f"Unrelated passage number {i} about topic {i * 7 % 11}.") for i in range(6)]
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "title": "", "text": t}) + "\n" for i, t in docs))
+    (root / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "where is the Eiffel Tower"}) + "\n")
+    (root / "qrels" / "test.tsv").write_text("q1\tpos\t2\n")
+    out = tmp_path / "mined"
+    assert cli(["mine", "--model", str(minilm_dir), "--input", str(root), "--out", str(out), "--top-k", "15",
+                "--guard", "none", "--max-length", "32", "--no-progress"]) == 0
+    _, samples = _samples(out)
+    ((key, s),) = samples
+    # 9 candidates besides the positive; without the copy and one of the two Berlin passages exactly 7 are left
+    assert "copy" not in s["meta"]["negative_ids"] and s["positive"] not in s["negatives"]
+    assert set(s["meta"]["negative_ids"]) - {"dupa", "dupb"} == {f"n{i}" for i in range(6)}
+    assert len(set(s["negatives"])) == 7 and len({"dupa", "dupb"} & set(s["meta"]["negative_ids"])) == 1
