@@ -48,6 +48,15 @@ FRESH = textwrap.dedent(
     res["ropebert_imported"] = any(k.split(".")[0] == "ropebert" for k in sys.modules)
     res["gpu_pkg_imported"] = any(k.split(".")[0] in ("flash_attn", "xformers") for k in sys.modules)
     res["theta"] = model.config.rope_theta
+    # from_pretrained(..., attn_implementation=...) picks the backend
+    res["attn"] = {}
+    for impl in ("eager", "sdpa"):
+        m = AutoModel.from_pretrained(d, trust_remote_code=True, attn_implementation=impl).eval()
+        b = tok([texts[0]], return_tensors="pt")
+        with torch.no_grad():
+            h = m(**b).last_hidden_state
+        res["attn"][impl] = {"backend": m.config.attn_backend, "emb": torch.nn.functional.normalize(h.mean(1), dim=-1)[0].tolist()}
+    res["default_backend"] = model.config.attn_backend
     json.dump(res, open(out_file, "w"))
     """
 )
@@ -83,16 +92,35 @@ def test_export_directory_layout(exported):
         "AutoModel": "modeling_ropebert.RopeBertModel",
     }
     assert cfg["rope_theta"] == 10000.0 and cfg["model_type"] == "ropebert"
+    # every long-context key is written (so editing config.json is all a user does), with its default
+    long_context = {
+        "rope_scaling": None, "position_mode": "default", "position_scale": 1.0,
+        "original_max_position_embeddings": None, "self_extend": None, "attn_scale_base": 512,
+        "rope_impl": "auto", "attn_backend": "auto", "max_position_embeddings": 512,
+    }
+    assert {k: cfg.get(k, "MISSING") for k in long_context} == long_context
     assert (out / "model.safetensors").is_file()
-    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
+    pickles = [p.name for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")]
+    assert not pickles, pickles
+    for p in out.rglob("*"):  # no pickle hidden under another name either (pickle protocol 2+ starts with 0x80)
+        if p.is_file():
+            assert not p.read_bytes()[:1] == b"\x80", p
     from safetensors import safe_open
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert keys == set(model.state_dict())
     assert "encoder.layer.0.attention.self.query.weight" in keys and "embeddings.word_embeddings.weight" in keys
-    for name in ("tokenizer.json", "modules.json", "1_Pooling/config.json", "config_sentence_transformers.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "modules.json", "1_Pooling/config.json",
+                 "config_sentence_transformers.json", "sentence_bert_config.json"):
         assert (out / name).is_file(), name
+    modules = json.loads((out / "modules.json").read_text())
+    assert [m["type"] for m in modules] == [
+        "sentence_transformers.models.Transformer",
+        "sentence_transformers.models.Pooling",
+        "sentence_transformers.models.Normalize",
+    ]
+    assert (out / modules[2]["path"]).is_dir()
     st_cfg = json.loads((out / "config_sentence_transformers.json").read_text())
     assert st_cfg["prompts"] == {"query": "query: ", "passage": "passage: "}
     pooling = json.loads((out / "1_Pooling/config.json").read_text())
@@ -102,6 +130,9 @@ def test_export_directory_layout(exported):
     for name in ("modeling_ropebert.py", "configuration_ropebert.py"):
         assert (out / name).read_bytes() == (src / name).read_bytes()
         check_exported_source(out / name)
+    # rotary tables are never stored: the model has no buffers at all (transformers 5 leaves non-persistent
+    # buffers uninitialised after from_pretrained); cos/sin are computed from rope_theta in every forward
+    assert list(model.named_buffers()) == []
 
 
 def test_fresh_process_matches_in_memory_model(exported, tmp_path):
@@ -118,6 +149,10 @@ def test_fresh_process_matches_in_memory_model(exported, tmp_path):
     for key in ("hf", "st"):
         got = torch.tensor(res[key])
         assert (got - ref).abs().max().item() <= 1e-5, key
+    assert res["default_backend"] == "auto"
+    for impl in ("eager", "sdpa"):
+        assert res["attn"][impl]["backend"] == impl
+        assert (torch.tensor(res["attn"][impl]["emb"]) - ref[0]).abs().max().item() <= 1e-5, impl
 
 
 def test_check_exported_source_rejects_ropebert_import(tmp_path):

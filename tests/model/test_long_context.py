@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -60,13 +61,35 @@ def test_bad_long_context_config_is_a_clear_error(bad, match):
         RopeBertConfig(max_position_embeddings=512, **bad)
 
 
-def test_bad_config_json_fails_at_load(tmp_path):
-    RopeBertConfig(max_position_embeddings=512).save_pretrained(tmp_path)
+# config.json edits that must fail when the model is loaded: (edit, expected message)
+BAD_EDITS = [
+    ({"self_extend": {"group_size": 4, "window": 600}}, "self_extend.window"),
+    ({"self_extend": {"group_size": 9, "window": 512}}, "self_extend.window"),
+    ({"self_extend": {"group_size": 0, "window": 64}}, "self_extend.group_size"),
+    ({"rope_scaling": {"type": "pi", "factor": -2.0}}, "rope_scaling.factor"),
+    ({"rope_scaling": {"type": "dynamic_ntk", "factor": -4.0}}, "rope_scaling.factor"),
+    ({"position_scale": -3}, "position_scale"),
+    ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "unknown type 'yarn'"),
+]
+
+
+@pytest.mark.parametrize("edit, match", BAD_EDITS, ids=lambda x: str(x)[:40] if isinstance(x, dict) else None)
+def test_bad_config_json_fails_at_load(tmp_path, edit, match):
+    torch.manual_seed(0)
+    RopeBertModel(tiny_config(max_position_embeddings=512)).save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["self_extend"] = {"group_size": 4, "window": 600}
+    cfg.update(edit)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="self_extend.window"):
+    with pytest.raises(ValueError, match=match):
         RopeBertConfig.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        RopeBertModel.from_pretrained(tmp_path)
+
+
+def test_config_edited_after_load_is_checked_before_forward(tiny_model):
+    tiny_model.config.self_extend = {"group_size": 2, "window": 64}  # window == original length 64
+    with pytest.raises(ValueError, match="self_extend.window"):
+        tiny_model(torch.ones(1, 3, dtype=torch.long))
 
 
 def test_keys_round_trip_through_config_json(tmp_path):
@@ -249,6 +272,34 @@ def test_pcw_chunks_and_averages(minilm_dir):
     assert (got[1] - short[0]).abs().max() <= 1e-5  # one chunk == the plain encoding
 
 
+def test_pcw_uses_510_token_chunks_for_a_512_model(minilm_dir):
+    """PCW for a model trained at 512 tokens: 510-token chunks, the last chunk the final 510 tokens, each chunk
+    [CLS] passage: chunk [SEP], unnormalised chunk embeddings averaged, then L2-normalised."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir))
+    m = _model(vocab_size=tok.vocab_size, max_position_embeddings=512, num_hidden_layers=1, initializer_range=0.2)
+    # varied words, then one word repeated: chunk embeddings with clearly different norms
+    text = " ".join(f"token{i % 97} word{i}" for i in range(100)) + " same" * 700
+    body = tok(text, add_special_tokens=False)["input_ids"]
+    n = len(body)
+    assert 1020 < n and n % 510 != 0, n
+    ids_list, owner = m._pcw_chunks([text], tok, "passage: ")
+    pre = tok("passage: ", add_special_tokens=False)["input_ids"]
+    starts = list(range(0, n - 510, 510)) + [n - 510]
+    assert len(starts) == 3 and starts[-1] < 1020  # the last chunk overlaps the previous one
+    want_chunks = [[tok.cls_token_id] + pre + body[s0 : s0 + 510] + [tok.sep_token_id] for s0 in starts]
+    assert ids_list == want_chunks and owner.tolist() == [0, 0, 0]
+    assert ids_list[-1][1 + len(pre) : -1] == body[-510:]
+    with torch.no_grad():
+        embs = torch.stack([m.embed(torch.tensor([c]), normalize=False)[0] for c in want_chunks])
+    want = torch.nn.functional.normalize(embs.mean(0), dim=-1)
+    got = m.encode([text], tokenizer=tok, prefix="passage: ", pcw=True)[0]
+    assert (got - want).abs().max() <= 1e-5
+    of_normalised = torch.nn.functional.normalize(torch.nn.functional.normalize(embs, dim=-1).mean(0), dim=-1)
+    assert (of_normalised - want).abs().max() > 1e-4  # the test tells the two averaging orders apart
+
+
 # ---- acceptance: an exported directory applies edited long-context keys under plain transformers ------------
 
 FRESH = textwrap.dedent(
@@ -267,7 +318,24 @@ FRESH = textwrap.dedent(
     model = AutoModel.from_pretrained(d, trust_remote_code=True).eval()
     with torch.no_grad():
         h = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    # bad long-context edits of the same directory fail at load time with a clear config error
+    import os, shutil, tempfile
+    errors = []
+    for edit in json.loads(sys.argv[4]):
+        bad = tempfile.mkdtemp()
+        for f in os.listdir(d):
+            if f.endswith((".json", ".py", ".safetensors")):
+                shutil.copy(os.path.join(d, f), bad)
+        cfg = json.load(open(os.path.join(bad, "config.json")))
+        cfg.update(edit)
+        json.dump(cfg, open(os.path.join(bad, "config.json"), "w"))
+        try:
+            AutoModel.from_pretrained(bad, trust_remote_code=True)
+            errors.append(None)
+        except ValueError as e:
+            errors.append(str(e))
     json.dump({"hidden": h[0].tolist(), "theta": model.config.rope_theta, "self_extend": model.config.self_extend,
+               "bad_config_errors": errors,
                "ropebert_imported": any(k.split(".")[0] == "ropebert" for k in sys.modules)}, open(out_file, "w"))
     """
 )
@@ -307,14 +375,20 @@ def test_exported_dir_applies_edited_long_context_keys(exported_tiny, edit, tmp_
     (tmp_path / "ids.json").write_text(json.dumps(ids.tolist()))
     script = tmp_path / "fresh.py"
     script.write_text(FRESH)
+    bad_edits = BAD_EDITS if "rope_theta" in edit else []  # load-time config errors: checked once
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     r = subprocess.run(
-        [sys.executable, "-I", str(script), str(d), str(tmp_path / "ids.json"), str(tmp_path / "out.json")],
+        [sys.executable, "-I", str(script), str(d), str(tmp_path / "ids.json"), str(tmp_path / "out.json"),
+         json.dumps([e for e, _ in bad_edits])],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
     )
     assert r.returncode == 0, r.stderr[-4000:]
     res = json.loads((tmp_path / "out.json").read_text())
     assert res["ropebert_imported"] is False
+    assert res["theta"] == cfg["rope_theta"] and res["self_extend"] == cfg["self_extend"]
+    assert len(res["bad_config_errors"]) == len(bad_edits)
+    for (bad, match), err in zip(bad_edits, res["bad_config_errors"]):
+        assert err is not None and re.search(match, err), (bad, err)
     got = torch.tensor(res["hidden"])  # (2048, C)
 
     # the in-repo eager reference with the same edit

@@ -16,7 +16,7 @@ from ropebert.model.modeling_ropebert import ATTENTION_BACKENDS
 from ..conftest import padded_batch, tiny_config
 
 
-def reference_forward(model: RopeBertModel, input_ids, attention_mask):
+def reference_forward(model: RopeBertModel, input_ids, attention_mask, token_type_ids=None):
     """E5-RoPE semantics written out by hand from the weights, in float64, independent of the model code."""
     cfg = model.config
     sd = {k: v.double() for k, v in model.state_dict().items()}
@@ -31,7 +31,8 @@ def reference_forward(model: RopeBertModel, input_ids, attention_mask):
     def lin(x, p):
         return x @ sd[p + ".weight"].T + sd[p + ".bias"]
 
-    x = sd["embeddings.word_embeddings.weight"][input_ids] + sd["embeddings.token_type_embeddings.weight"][0]
+    tt = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+    x = sd["embeddings.word_embeddings.weight"][input_ids] + sd["embeddings.token_type_embeddings.weight"][tt]
     x = ln(x, "embeddings.LayerNorm")
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))  # (D/2,)
     ang = torch.arange(L, dtype=torch.float64)[:, None] * inv_freq[None]  # (L, D/2)
@@ -60,11 +61,15 @@ def test_matches_hand_written_reference(backend):
     torch.manual_seed(0)
     model = RopeBertModel(tiny_config(attn_backend=backend)).eval()
     ids, mask = padded_batch([13, 7, 1, 10])
+    tt = torch.randint(0, 2, ids.shape, generator=torch.Generator().manual_seed(2))  # segment ids are used
     with torch.no_grad():
-        out = model(ids, attention_mask=mask).last_hidden_state
-    ref = reference_forward(model, ids, mask)
+        out = model(ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+        out0 = model(ids, attention_mask=mask).last_hidden_state
+    ref = reference_forward(model, ids, mask, tt)
     m = mask.bool()
     assert (out[m].double() - ref[m]).abs().max().item() < 1e-5
+    assert (out0[m].double() - reference_forward(model, ids, mask)[m]).abs().max().item() < 1e-5
+    assert (out0 - out)[m].abs().max().item() > 1e-3  # token_type_ids really enter the embeddings
 
 
 def test_backends_agree_on_converted_minilm(minilm_dir):
@@ -187,29 +192,68 @@ def test_attn_implementation_is_mapped(tmp_path, tiny_model):
     assert RopeBertModel.from_pretrained(tmp_path).config.attn_backend == "auto"
 
 
-def test_loads_e5rope_layout_with_prefix(tmp_path):
-    """A checkpoint in the released E5-RoPE layout: BERT weight names under `e5rope.`, config with rope_theta."""
-    from safetensors.torch import save_file
-    from transformers import BertConfig, BertModel
+def _random_bert(**kw):
+    from transformers import BertConfig
 
     torch.manual_seed(0)
-    bcfg = BertConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=64, max_position_embeddings=64)
+    return BertConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=64, **kw)
+
+
+@pytest.mark.parametrize("model_type", ["ropebert", "bert"])
+@pytest.mark.parametrize("prefix", ["e5rope.", ""], ids=["e5rope-prefix", "no-prefix"])
+def test_loads_e5rope_layout(tmp_path, prefix, model_type):
+    """A checkpoint in the released E5-RoPE layout, written from a random BERT: BERT weight names (optionally
+    under `e5rope.`), no position table, config with rope_theta. Loads through from_pretrained and through
+    `ropebert export`'s loader, with every weight in place and the E5-RoPE forward semantics."""
+    from safetensors.torch import save_file
+    from transformers import BertModel
+
+    from ropebert.model.export import load_source
+
+    bcfg = _random_bert()
     bert = BertModel(bcfg, add_pooling_layer=False)
     sd = {
-        "e5rope." + k: v.contiguous()
+        prefix + k: v.contiguous()
         for k, v in bert.state_dict().items()
         if "position" not in k and "token_type_ids" not in k
     }
     save_file(sd, str(tmp_path / "model.safetensors"))
     cfg = bcfg.to_dict()
     cfg.pop("position_embedding_type", None)
-    cfg.update(model_type="ropebert", rope_theta=20000.0, architectures=["E5RopeModel"])
+    cfg.update(model_type=model_type, rope_theta=20000.0, architectures=["E5RopeModel"])
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    model = RopeBertModel.from_pretrained(tmp_path)
-    assert model.config.rope_theta == 20000.0
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, sd["e5rope." + k]), k
+    ids, mask = padded_batch([9, 4])
+    for model in (RopeBertModel.from_pretrained(tmp_path), load_source(str(tmp_path))):
+        assert isinstance(model, RopeBertModel) and model.config.rope_theta == 20000.0
+        assert set(model.state_dict()) == {k[len(prefix):] for k in sd}
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, sd[prefix + k]), k
+        model.eval()
+        with torch.no_grad():
+            out = model(ids, mask).last_hidden_state
+        m = mask.bool()
+        assert (out[m].double() - reference_forward(model, ids, mask)[m]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["BertModel-object", "BertForMaskedLM-dir"])
+def test_from_bert_model_object_and_pretraining_checkpoint(tmp_path, kind):
+    """from_bert takes a BertModel object, or a directory whose weights sit under `bert.` beside MLM heads."""
+    from transformers import BertForMaskedLM, BertModel
+
+    bcfg = _random_bert()
+    if kind == "BertModel-object":
+        bert = BertModel(bcfg)  # with pooler
+        src, state = bert, bert.state_dict()
+    else:
+        mlm = BertForMaskedLM(bcfg)
+        mlm.save_pretrained(tmp_path)
+        src, state = str(tmp_path), {k.removeprefix("bert."): v for k, v in mlm.state_dict().items()}
+    model = RopeBertModel.from_bert(src, rope_theta=5000.0)
+    assert model.config.rope_theta == 5000.0 and model.config.num_hidden_layers == 2
+    assert not any("position" in n or n.startswith(("pooler", "cls")) for n in model.state_dict())
+    for n, v in model.state_dict().items():
+        assert torch.equal(v, state[n]), n
 
 
 def test_bad_input_errors(tmp_path, tiny_model, minilm_dir):
@@ -287,3 +331,121 @@ def test_config_validation_on_construct():
         RopeBertConfig(hidden_size=12, num_attention_heads=4)
     with pytest.raises(ValueError, match="rope_impl"):
         RopeBertConfig(rope_impl="cuda")
+
+
+def test_packed_backends_unpad_once_per_forward(tiny_model):
+    """A packed (varlen-style) backend sees packed (T, H, D) tokens with cu_seqlens in every layer, and all
+    layers share one AttentionContext: the batch is unpadded once per forward (before the embeddings), not per
+    layer. Checked with a spy backend that wraps the CPU packed reference."""
+    from ropebert.model.modeling_ropebert import register_attention_backend, sdpa_packed_attention
+
+    calls = []
+
+    def spy(q, k, v, ctx):
+        calls.append((tuple(q.shape), id(ctx), ctx.cu_seqlens.tolist(), ctx.packed))
+        return sdpa_packed_attention(q, k, v, ctx)
+
+    register_attention_backend("_spy_packed", spy, packed=True)
+    try:
+        lengths = [9, 3, 6]
+        ids, mask = padded_batch(lengths)
+        tiny_model.set_attn_backend("_spy_packed")
+        unpad_calls = []
+        orig_nonzero = torch.Tensor.nonzero
+
+        def counting_nonzero(self, *a, **kw):
+            unpad_calls.append(tuple(self.shape))
+            return orig_nonzero(self, *a, **kw)
+
+        torch.Tensor.nonzero = counting_nonzero
+        try:
+            with torch.no_grad():
+                out = tiny_model(ids, mask).last_hidden_state
+        finally:
+            torch.Tensor.nonzero = orig_nonzero
+        T = sum(lengths)
+        assert len(calls) == tiny_model.config.num_hidden_layers == 2
+        assert all(c[0] == (T, 4, 8) and c[2] == [0, 9, 12, 18] and c[3] for c in calls)
+        assert len({c[1] for c in calls}) == 1  # one context for all layers
+        assert unpad_calls == [(3 * 9,)]  # one unpad index for the whole forward
+        tiny_model.set_attn_backend("eager")
+        with torch.no_grad():
+            ref = tiny_model(ids, mask).last_hidden_state
+        assert (out - ref)[mask.bool()].abs().max().item() < 1e-5
+        assert out[~mask.bool()].abs().max().item() == 0.0  # re-padded once at the end, zeros at padding
+    finally:
+        from ropebert.model.modeling_ropebert import ATTENTION_BACKENDS
+
+        ATTENTION_BACKENDS.pop("_spy_packed", None)
+
+
+OPTIONAL_TOP_LEVEL = ("triton", "flash_attn", "xformers", "sentence_transformers", "tqdm", "lightning", "webdataset")
+
+
+def test_optional_packages_never_imported_at_module_top():
+    """No module of ropebert.model / ropebert.kernels imports an optional package outside a function body."""
+    import ast
+    from pathlib import Path
+
+    import ropebert.kernels
+    import ropebert.model
+
+    files = [f for pkg in (ropebert.model, ropebert.kernels) for f in Path(pkg.__file__).parent.glob("*.py")]
+    assert len(files) >= 5
+    for f in files:
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+        stack = list(tree.body)  # module level, including inside if/try blocks, but not inside def / class bodies
+        while stack:
+            node = stack.pop()
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                names = []
+            for n in names:
+                assert n.split(".")[0] not in OPTIONAL_TOP_LEVEL, f"{f.name}:{node.lineno} imports {n} at module top"
+            stack.extend(c for c in ast.iter_child_nodes(node) if isinstance(c, ast.stmt))
+
+
+def test_works_without_optional_packages(tmp_path):
+    """In a fresh process where triton, flash-attn and xformers cannot be imported at all, ropebert.model and
+    ropebert.kernels import, the model runs, and asking for the missing pieces is a clear error."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import sys
+        for name in ("triton", "flash_attn", "xformers"):
+            sys.modules[name] = None  # import raises ImportError; importlib.util.find_spec returns None
+        import torch
+        import ropebert.kernels
+        from ropebert.model import ATTENTION_BACKENDS, ROPE_IMPLS, RopeBertConfig, RopeBertModel
+        assert sorted(ROPE_IMPLS) == ["torch"], ROPE_IMPLS
+        assert not {"flash_attn", "xformers"} & set(ATTENTION_BACKENDS), sorted(ATTENTION_BACKENDS)
+        cfg = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+        ids = torch.randint(1, 50, (2, 7))
+        for impl in ("auto", "torch"):
+            out = RopeBertModel(RopeBertConfig(rope_impl=impl, **cfg)).eval()(ids).last_hidden_state
+            assert torch.isfinite(out).all()
+        try:
+            RopeBertModel(RopeBertConfig(rope_impl="triton", **cfg))(ids)
+        except RuntimeError as e:
+            assert "rope_impl='triton' is not available here" in str(e), e
+        else:
+            raise AssertionError("rope_impl=triton without triton ran")
+        try:
+            RopeBertModel(RopeBertConfig(attn_backend="flash_attn", **cfg))
+        except ValueError as e:
+            assert "Unknown attention backend 'flash_attn'" in str(e), e
+        else:
+            raise AssertionError("attn_backend=flash_attn without flash_attn was accepted")
+        print("ok")
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
