@@ -22,15 +22,30 @@ import warnings
 
 # ModelCheckpoint under manual optimisation: our checkpoints are taken after the optimizer step on purpose
 warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
+warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
 warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")  # no val_dir
 
 from .module import RopeBertContrastive
 from .strategy import AtomicCheckpointIO  # also registers the ropebert_ddp strategy name
 
 
+class RopeBertCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that also saves the final state when training stops between two save points (max_steps
+    not a multiple of every_n_train_steps), so `last.ckpt` is always the end of the run."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step:
+            candidates = self._monitor_candidates(trainer)
+            if self.save_top_k != 0:
+                self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        else:
+            super().on_train_end(trainer, pl_module)
+
+
 class RopeBertCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RopeBertCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.save_last": True,
             "checkpoint.save_top_k": 1,
