@@ -403,12 +403,23 @@ def long_context(model, method: str, target_len: int):
 def evaluate_tasks(model, tasks: Sequence[SyntheticTask], method: str = "none", *, query_prefix: str = "query: ",
                    passage_prefix: str = "passage: ", batch_size: int = 8, max_tokens: Optional[int] = 16384,
                    max_length: Optional[int] = None, device=None, show_progress_bar: bool = True,
-                   tokenizer=None) -> dict:
+                   tokenizer=None, cache: Optional[dict] = None) -> dict:
     """Acc@1 per length and the average over lengths for one method. Documents are encoded at their own
-    length (no truncation) unless max_length is given."""
-    per_len, token_stats = {}, {}
+    length (no truncation) unless max_length is given.
+
+    cache: a dict shared across calls for the same model and tasks; a (task, length) whose method preset is
+    one already evaluated (e.g. every method at lengths <= the trained length, where none applies) is reused
+    instead of encoded again."""
+    per_len = {}
     for task in tasks:
         t0 = time.perf_counter()
+        preset = method_preset(method, task.length, model.config)
+        key = (task.name, task.length, id(task), json.dumps(preset, sort_keys=True, default=str))
+        if cache is not None and key in cache:
+            per_len[str(task.length)] = cache[key]
+            logger.info("%s %s @%d: Acc@1 %.3f (same settings as an earlier method: reused)", task.name, method,
+                        task.length, cache[key])
+            continue
         with long_context(model, method, task.length) as enc_kw:
             ml_doc = max_length or task.length + 64  # docs are <= length tokens by construction
             q = model.encode(task.queries, tokenizer, prefix=query_prefix, batch_size=batch_size, device=device)
@@ -416,6 +427,8 @@ def evaluate_tasks(model, tasks: Sequence[SyntheticTask], method: str = "none", 
                              max_tokens=max_tokens, device=device, show_progress_bar=show_progress_bar, **enc_kw)
         acc = accuracy_at_1(q @ d.T, task.gold)
         per_len[str(task.length)] = acc
+        if cache is not None:
+            cache[key] = acc
         logger.info("%s %s @%d: Acc@1 %.3f (%.1fs)", task.name, method, task.length, acc, time.perf_counter() - t0)
     return {"acc@1": per_len, "acc@1_avg": sum(per_len.values()) / len(per_len)}
 
@@ -473,12 +486,12 @@ def _main(task_name: str, argv: Optional[list[str]]) -> int:
         tasks = generate_needle(args.msmarco, args.pg, lengths, args.num_queries, args.num_docs, args.seed, tok,
                                 args.passage_prefix)
         data = f"generated: needles from {args.msmarco} (grade>=2) in haystacks from {args.pg}"
-    results = []
+    results, cache = [], {}
     for m in methods:
         t1 = time.perf_counter()
         r = evaluate_tasks(model, tasks, m, query_prefix=args.query_prefix, passage_prefix=args.passage_prefix,
                            batch_size=args.batch_size, max_tokens=args.max_tokens, max_length=args.max_length,
-                           device=args.device, show_progress_bar=not args.no_progress)
+                           device=args.device, show_progress_bar=not args.no_progress, cache=cache)
         presets = {}
         for n in lengths:  # what the method set at each length: config keys and encode options together
             cfg_updates, enc_kw = method_preset(m, n, model.config)

@@ -15,6 +15,7 @@ from ropebert.pipelines.eval_longembed import (
     generate_passkey,
     long_context,
     method_preset,
+    needle_main,
     passkey_main,
     supported_config_keys,
 )
@@ -149,31 +150,84 @@ def test_pcw_needs_encode_option(tiny_model):
         assert apply_long_context_method(tiny_model, "pcw", 1024) == {"pcw": True}
 
 
-def test_evaluate_tasks_tiny_model(tokenizer):
+def test_evaluate_tasks_tiny_model(tokenizer, capsys):
     from ropebert.model import RopeBertModel
 
     torch.manual_seed(0)
     model = RopeBertModel(tiny_config(vocab_size=30522, max_position_embeddings=128)).eval()
     tasks = generate_passkey([128, 256], num_queries=3, num_docs=5, seed=0, tokenizer=tokenizer)
-    r = evaluate_tasks(model, tasks, "ntk", batch_size=2, max_tokens=512, tokenizer=tokenizer, show_progress_bar=False)
+    shapes = []  # (batch, length) of every forward: the token budget bounds memory for long documents
+    hook = model.embeddings.word_embeddings.register_forward_pre_hook(lambda m, a: shapes.append(tuple(a[0].shape)))
+    try:
+        r = evaluate_tasks(model, tasks, "ntk", batch_size=4, max_tokens=512, tokenizer=tokenizer,
+                           show_progress_bar=True)
+    finally:
+        hook.remove()
     assert set(r["acc@1"]) == {"128", "256"} and all(0 <= v <= 1 for v in r["acc@1"].values())
     assert r["acc@1_avg"] == pytest.approx(sum(r["acc@1"].values()) / 2)
     assert model.config.rope_theta == 10000.0  # restored
+    docs = [(b, n) for b, n in shapes if n >= 100]  # document batches (queries are short)
+    assert {n for _, n in docs} == {128, 256}  # documents are fed whole: no truncation
+    assert all(b * n <= 512 for b, n in docs) and max(b for b, n in docs if n == 128) == 4  # budget, not batch size
+    assert "encode" in capsys.readouterr().err  # progress bar
 
 
 def test_passkey_cli_converted_model(tmp_path, minilm_dir, capsys):
     """Acceptance (reduced): the freshly converted RoPE model at 256-2048 tokens, JSON + heatmap."""
     out, png = tmp_path / "passkey.json", tmp_path / "heat.png"
-    rc = passkey_main(["--model", str(minilm_dir), "--method", "none", "--method", "ntk",
+    rc = passkey_main(["--model", str(minilm_dir), "--method", "none", "--method", "ntk", "--method", "selfextend",
                        "--lengths", ",".join(map(str, LENGTHS)), "--num-queries", "2", "--num-docs", "3",
                        "--output", str(out), "--plot", str(png), "--no-progress"])
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["task"] == "passkey" and res["settings"]["lengths"] == LENGTHS
-    assert [r["method"] for r in res["results"]] == ["none", "ntk"]
-    assert set(res["metrics"]["acc@1"]) == {str(n) for n in LENGTHS}
+    assert [r["method"] for r in res["results"]] == ["none", "ntk", "selfextend"]
+    for r in res["results"]:
+        assert set(r["metrics"]["acc@1"]) == {str(n) for n in LENGTHS}
+        assert all(0.0 <= v <= 1.0 for v in r["metrics"]["acc@1"].values())
+        assert r["metrics"]["acc@1_avg"] == pytest.approx(sum(r["metrics"]["acc@1"].values()) / len(LENGTHS))
     for n in LENGTHS:
         assert abs(res["doc_tokens_mean"][str(n)] - n) <= 0.05 * n
     assert res["results"][1]["presets"]["1024"] == {"rope_theta": 30000.0}
+    assert res["results"][2]["presets"]["2048"]["self_extend"] == {"group_size": 5, "window": 128}
+    assert res["results"][0]["presets"]["2048"] == {} and res["results"][2]["presets"]["512"] == {}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| ntk" in capsys.readouterr().out
+
+
+def test_needle_cli_converted_model(tmp_path, shared_data, minilm_dir, capsys):
+    """`ropebert eval needle` (reduced): real MS MARCO needles in Paul Graham haystacks, JSON + heatmap."""
+    out, png = tmp_path / "needle.json", tmp_path / "needle.png"
+    rc = needle_main(["--model", str(minilm_dir), "--msmarco", str(shared_data / "msmarco"), "--pg",
+                      str(shared_data / "pg"), "--lengths", "256,512", "--num-queries", "3", "--num-docs", "5",
+                      "--output", str(out), "--plot", str(png), "--no-progress"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["task"] == "needle" and res["settings"]["lengths"] == [256, 512] and res["wall_time_s"] > 0
+    assert res["settings"]["num_queries"] == 3 and res["settings"]["num_docs"] == 5
+    assert set(res["metrics"]["acc@1"]) == {"256", "512"} and 0.0 <= res["metrics"]["acc@1_avg"] <= 1.0
+    assert "msmarco" in res["data"] and "pg" in res["data"]
+    for n in (256, 512):
+        assert abs(res["doc_tokens_mean"][str(n)] - n) <= 0.05 * n
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| none" in capsys.readouterr().out
+
+
+def test_methods_share_results_where_their_presets_agree(tokenizer):
+    """At lengths <= the trained length every method is `none`: the CLI evaluates it once (cache), same numbers."""
+    from ropebert.model import RopeBertModel
+
+    torch.manual_seed(0)
+    model = RopeBertModel(tiny_config(vocab_size=30522, max_position_embeddings=128)).eval()
+    tasks = generate_passkey([128, 256], num_queries=3, num_docs=5, seed=0, tokenizer=tokenizer)
+    kw = dict(batch_size=8, max_tokens=4096, show_progress_bar=False, tokenizer=tokenizer)
+    plain = {m: evaluate_tasks(model, tasks, m, **kw) for m in ("none", "ntk")}
+    lengths = []
+    hook = model.embeddings.word_embeddings.register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    cache: dict = {}
+    try:
+        cached = {m: evaluate_tasks(model, tasks, m, cache=cache, **kw) for m in ("none", "ntk")}
+    finally:
+        hook.remove()
+    assert cached == plain
+    assert sum(n == 128 for n in lengths) == 1 and sum(n == 256 for n in lengths) == 2  # ntk@128 reused
