@@ -123,6 +123,7 @@ class RopeBertConfig(PretrainedConfig):
     def to_dict(self):
         out = super().to_dict()
         out.pop("_ropebert_rope_scaling", None)
+        out.pop("_ropebert_autoset_attn", None)  # runtime bookkeeping of RopeBertModel.__init__, never saved
         out["rope_scaling"] = copy.deepcopy(self.rope_scaling)
         return out
 

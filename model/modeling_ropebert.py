@@ -676,6 +676,20 @@ _HF_ATTN_IMPLEMENTATION_TO_BACKEND = {
     "flash_attention_3": "flash_attn",
 }
 
+# config attribute (never serialised, see RopeBertConfig.to_dict) recording the attn_implementation transformers
+# set on the config when a model was last built from it
+_AUTOSET_ATTN_KEY = "_ropebert_autoset_attn"
+
+
+def _backend_for_attn_implementation(impl: str) -> str:
+    if impl not in _HF_ATTN_IMPLEMENTATION_TO_BACKEND:
+        raise ValueError(
+            f"attn_implementation={impl!r} is not supported by RopeBertModel; use one of "
+            f"{sorted(_HF_ATTN_IMPLEMENTATION_TO_BACKEND)} or set config.attn_backend"
+        )
+    return _HF_ATTN_IMPLEMENTATION_TO_BACKEND[impl]
+
+
 # BERT checkpoint keys that have no counterpart in RoPE BERT (absolute positions, pooler, pre-training heads)
 _BERT_DROPPED_PREFIXES = ("embeddings.position_embeddings.", "pooler.", "cls.")
 _BERT_DROPPED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
@@ -701,23 +715,23 @@ class RopeBertModel(RopeBertPreTrainedModel):
     L2-normalised embeddings."""
 
     def __init__(self, config: RopeBertConfig):
-        # transformers puts a requested `attn_implementation` on the config before __init__; map it to ours
+        # transformers puts a requested `attn_implementation` on the config before __init__ (from_pretrained(...,
+        # attn_implementation=...)); an explicit request wins over config.attn_backend. A config that already went
+        # through a model's __init__ instead carries transformers' own automatic choice ("sdpa"), recorded below:
+        # that is no request, so building a second model from the same config keeps its attn_backend.
         requested = getattr(config, "_attn_implementation_internal", None)
+        if requested is not None and requested == config.__dict__.get(_AUTOSET_ATTN_KEY):
+            requested = None
         super().__init__(config)
         config.validate_ropebert()
-        if requested is not None and config.attn_backend == "auto":
-            if requested not in _HF_ATTN_IMPLEMENTATION_TO_BACKEND:
-                raise ValueError(
-                    f"attn_implementation={requested!r} is not supported by RopeBertModel; use one of "
-                    f"{sorted(_HF_ATTN_IMPLEMENTATION_TO_BACKEND)} or set config.attn_backend"
-                )
-            config.attn_backend = _HF_ATTN_IMPLEMENTATION_TO_BACKEND[requested]
+        if requested is not None:
+            config.attn_backend = _backend_for_attn_implementation(requested)
+        config.__dict__[_AUTOSET_ATTN_KEY] = getattr(config, "_attn_implementation_internal", None)
         if config.attn_backend != "auto":
             get_attention_backend(config.attn_backend)  # clear error on an unknown name
         self.embeddings = RopeBertEmbeddings(config)
         self.encoder = RopeBertEncoder(config)
         self._tokenizer = None
-        self._truncation_warned = False
         self.post_init()
 
     # -- configuration helpers ------------------------------------------------------------------------------
@@ -732,6 +746,17 @@ class RopeBertModel(RopeBertPreTrainedModel):
         if name != "auto":
             get_attention_backend(name)
         self.config.attn_backend = name
+
+    def set_attn_implementation(self, attn_implementation, **kwargs) -> None:
+        """transformers' runtime switch (model.set_attn_implementation("eager" | "sdpa" | ...)), mapped onto
+        attn_backend like from_pretrained(..., attn_implementation=...)."""
+        impl = attn_implementation.get("", None) if isinstance(attn_implementation, dict) else attn_implementation
+        if impl is None:
+            return
+        self.set_attn_backend(_backend_for_attn_implementation(impl))
+        if impl in ("eager", "sdpa"):
+            self.config._attn_implementation_internal = impl
+            self.config.__dict__[_AUTOSET_ATTN_KEY] = impl
 
     @property
     def head_dim(self) -> int:

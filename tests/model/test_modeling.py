@@ -185,11 +185,34 @@ def test_gradient_checkpointing_gives_same_gradients():
 
 
 def test_attn_implementation_is_mapped(tmp_path, tiny_model):
+    import copy
+
     tiny_model.save_pretrained(tmp_path)
+    ids, mask = padded_batch([6, 3])
+    with torch.no_grad():
+        ref = tiny_model(ids, mask).last_hidden_state
     for impl in ("eager", "sdpa"):
         m = RopeBertModel.from_pretrained(tmp_path, attn_implementation=impl)
         assert m.config.attn_backend == impl
+        with torch.no_grad():
+            assert (m(ids, mask).last_hidden_state - ref)[mask.bool()].abs().max().item() < 1e-5
     assert RopeBertModel.from_pretrained(tmp_path).config.attn_backend == "auto"
+    with pytest.raises(ValueError, match="attn_implementation='flex_attention' is not supported|flex_attention"):
+        RopeBertModel.from_pretrained(tmp_path, attn_implementation="flex_attention")
+    # a model built from a config another model already used keeps that config's backend (transformers leaves
+    # its automatic "sdpa" on the config; that is not a request)
+    assert RopeBertModel(tiny_model.config).config.attn_backend == "auto"
+    assert RopeBertModel(copy.deepcopy(tiny_model.config)).config.attn_backend == "auto"
+    # an explicit request wins over a backend stored in config.json, and nothing private is saved
+    sdpa_dir = tmp_path / "sdpa"
+    RopeBertModel(tiny_config(attn_backend="sdpa")).save_pretrained(sdpa_dir)
+    assert not [k for k in json.loads((sdpa_dir / "config.json").read_text()) if k.startswith("_")]
+    assert RopeBertModel.from_pretrained(sdpa_dir).config.attn_backend == "sdpa"
+    assert RopeBertModel.from_pretrained(sdpa_dir, attn_implementation="eager").config.attn_backend == "eager"
+    # transformers' runtime switch maps too
+    m = RopeBertModel.from_pretrained(tmp_path)
+    m.set_attn_implementation("eager")
+    assert m.config.attn_backend == "eager" and RopeBertModel(m.config).config.attn_backend == "eager"
 
 
 def _random_bert(**kw):
