@@ -247,6 +247,26 @@ def test_self_extend_partials_match_eager_at_attention_level(packed):
         assert (got - ref)[valid].abs().max() <= 5e-5, impl  # fp32, |v| ~ 3, sharp softmax
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_self_extend_flex_matches_eager_reference():
+    """On CUDA the fused path is compiled FlexAttention partials merged by log-sum-exp (never L x L); it equals
+    the eager three-map reference at 2,048 tokens (plus a short sequence that keeps plain attention)."""
+    from ropebert.model.modeling_ropebert import FLEX_COMPILE_DEVICES
+
+    assert "cuda" in FLEX_COMPILE_DEVICES
+    ids, mask = padded_batch([2048, 300])
+    ids, mask = ids.cuda(), mask.cuda()
+    m = _model(max_position_embeddings=512, num_hidden_layers=1, initializer_range=0.2,
+               self_extend={"group_size": 9, "window": 64}).cuda()
+    m.config.attn_backend = "eager"
+    ref = _hidden(m, ids, mask)
+    for backend in ("sdpa", "sdpa_packed"):
+        m.config.attn_backend = backend
+        got = _hidden(m, ids, mask)
+        assert (got - ref)[mask.bool()].abs().max() <= 1e-3, backend  # fp32; room for TF32 in compiled kernels
+
+
 # ---- PCW --------------------------------------------------------------------------------------------------
 
 

@@ -472,3 +472,31 @@ def test_works_without_optional_packages(tmp_path):
     )
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_backends_agree_with_eager_reference():
+    """Every backend that can run here (varlen / flash_attn / xformers in bf16, sdpa / sdpa_packed too) against
+    the fp32 eager reference on a padded variable-length batch: its bf16 error is at most 2x that of plain sdpa
+    in bf16 (plus a small floor)."""
+    torch.manual_seed(0)
+    model = RopeBertModel(tiny_config(hidden_size=128, num_attention_heads=2, intermediate_size=256)).cuda().eval()
+    ids, mask = padded_batch([100, 7, 64, 33], seed=4)
+    ids, mask = ids.cuda(), mask.cuda()
+    m = mask.bool()
+    model.set_attn_backend("eager")
+    with torch.no_grad():
+        ref = model(ids, mask).last_hidden_state.float()
+    model16 = model.to(torch.bfloat16)
+    errs = {}
+    for name, be in ATTENTION_BACKENDS.items():
+        if name.startswith("_") or not be.is_available(ids.device, torch.bfloat16):
+            continue
+        model16.set_attn_backend(name)
+        with torch.no_grad():
+            out = model16(ids, mask).last_hidden_state.float()
+        errs[name] = (out - ref)[m].abs().max().item()
+    assert "sdpa" in errs and "sdpa_packed" in errs, errs
+    for name, e in errs.items():
+        assert e <= 2 * errs["sdpa"] + 2e-2, (name, errs)
