@@ -164,7 +164,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.tokenizer:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+        tok = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=False)
     if args.rope_theta is not None:
         model.config.rope_theta = args.rope_theta
     out = export_model(model, args.out, tokenizer=tok, max_seq_length=args.max_seq_length, overwrite=args.overwrite)

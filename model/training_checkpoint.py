@@ -72,5 +72,5 @@ def load_training_checkpoint(path: str | os.PathLike, map_location="cpu") -> Rop
                 if "/" in name or name.startswith("."):
                     raise ValueError(f"{path}: bad tokenizer file name {name!r} in checkpoint")
                 Path(d, name).write_bytes(bytes(data))
-            model.tokenizer = AutoTokenizer.from_pretrained(d)
+            model.tokenizer = AutoTokenizer.from_pretrained(d, trust_remote_code=False)
     return model.eval()

@@ -36,7 +36,7 @@ warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__`
 def load_fast_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, use_fast=True)
+    tok = AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=False)  # tokenizer files only: never prompt for model code
     if not getattr(tok, "is_fast", False):
         raise ValueError(f"tokenizer {path!r} has no fast (Rust) implementation; ShardDataModule needs one")
     return tok

@@ -30,7 +30,7 @@ def _base_args(init, shards, tok, out: Path, *, steps=4, batch=8, extra=()):
         "--trainer.max_steps", str(steps), "--trainer.accelerator", "cpu", "--trainer.logger", "false",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
         "--checkpoint.dirpath", str(out / "ckpt"), "--checkpoint.every_n_train_steps", "3",
-        "--model.step_log", str(out / "steps"), *extra,
+        "--model.step_log", str(out / "steps"), "--trainer.default_root_dir", str(out), *extra,
     ]
 
 
