@@ -72,6 +72,10 @@ INTERPRETED = textwrap.dedent(
     seqlens = [5, 9, 3]
     pos = torch.cat([torch.arange(n) + off for n, off in zip(seqlens, [0, 700, 31000])])
     case("packed_int", (sum(seqlens),), pos, inv)
+    # PoSE-style skips inside sequences: each sequence's positions jump forward part-way
+    skips = [50, 3000, 7]
+    pose = torch.cat([torch.cat([torch.arange(2), torch.arange(2, n) + s]) for n, s in zip(seqlens, skips)])
+    case("packed_pose_skips", (sum(seqlens),), pose, inv)
     case("packed_gp", (sum(seqlens),), pos // 4, inv)
     case("packed_rp", (sum(seqlens),), pos % 512, inv)
     case("packed_pi", (sum(seqlens),), pos.float() / 3.0, inv)
@@ -129,7 +133,10 @@ def test_triton_registered_as_rope_impl(interpreted):
 
 @pytest.mark.parametrize(
     "case",
-    ["packed_int", "packed_gp", "packed_rp", "packed_pi", "padded_int", "padded_per_seq_inv_freq", "packed_head_dim_24"],
+    [
+        "packed_int", "packed_pose_skips", "packed_gp", "packed_rp", "packed_pi", "padded_int",
+        "padded_per_seq_inv_freq", "packed_head_dim_24",
+    ],
 )
 def test_fp32_forward_backward_parity(interpreted, case):
     r = interpreted[case]

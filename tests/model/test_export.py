@@ -55,7 +55,8 @@ FRESH = textwrap.dedent(
         b = tok([texts[0]], return_tensors="pt")
         with torch.no_grad():
             h = m(**b).last_hidden_state
-        res["attn"][impl] = {"backend": m.config.attn_backend, "emb": torch.nn.functional.normalize(h.mean(1), dim=-1)[0].tolist()}
+        emb = torch.nn.functional.normalize(h.mean(1), dim=-1)[0].tolist()
+        res["attn"][impl] = {"backend": m.config.attn_backend, "emb": emb}
     res["default_backend"] = model.config.attn_backend
     json.dump(res, open(out_file, "w"))
     """
