@@ -93,9 +93,15 @@ def main() -> None:
 
     print(f"device: CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
           f"torch {torch.__version__}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
-    for w in args.workers:
-        r = run(shards, tok, w, args.batch_size, args.batches, args.warmup, args.kind, args.max_passage_length)
-        print(json.dumps(r))
+    try:
+        for w in args.workers:
+            r = run(shards, tok, w, args.batch_size, args.batches, args.warmup, args.kind, args.max_passage_length)
+            print(json.dumps(r))
+    finally:
+        if args.shards is None:  # the temporary docstring shards
+            import shutil
+
+            shutil.rmtree(shards, ignore_errors=True)
 
 
 if __name__ == "__main__":
