@@ -12,7 +12,7 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.ropebert-installed
 ARTIFACTS  ?= artifacts
 
-.PHONY: all demo test venv clean
+.PHONY: all demo test venv clean bench
 
 all: test
 
@@ -37,6 +37,12 @@ demo: $(STAMP)
 # ROPEBERT_REQUIRE_TESTS makes a run that passes no test (nothing collected, or everything skipped) fail.
 test: $(STAMP)
 	ROPEBERT_REQUIRE_TESTS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests
+
+# All benchmarks (bench/loader.py, batch_memory.py, kernels.py, train_step.py), each in a capped subprocess, sized
+# for the device (CPU: ~10 min on 2 cores); prints one table, details under artifacts/bench/.
+# `make bench BENCH_ARGS=--quick` for a smaller smoke run.
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(ARTIFACTS) .pytest_cache

