@@ -176,7 +176,7 @@ def test_passkey_cli_converted_model(tmp_path, minilm_dir, capsys):
     """Acceptance (reduced): the freshly converted RoPE model at 256-2048 tokens, JSON + heatmap."""
     out, png = tmp_path / "passkey.json", tmp_path / "heat.png"
     rc = passkey_main(["--model", str(minilm_dir), "--method", "none", "--method", "ntk", "--method", "selfextend",
-                       "--lengths", ",".join(map(str, LENGTHS)), "--num-queries", "2", "--num-docs", "3",
+                       "--lengths", ",".join(map(str, LENGTHS)), "--num-queries", "2", "--num-docs", "2",
                        "--output", str(out), "--plot", str(png), "--no-progress"])
     assert rc == 0
     res = json.loads(out.read_text())
