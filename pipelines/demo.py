@@ -231,7 +231,7 @@ class Demo:
                           "--plot", plots / "msmarco_retrieval.png", "--no-progress")
         else:
             print("[demo] ../shared/data is absent: skipping MS MARCO retrieval")
-        n_q, n_d = (4, 4) if self.quick else (10, 10)
+        n_q, n_d = (4, 4) if self.quick else (20, 20)
         self.ropebert("eval", "passkey", "--model", self.path("models", "stage2"), "--method", "none", "--method", "ntk",
                       "--method", "selfextend", "--lengths", "256,512,1024,2048", "--num-queries", n_q,
                       "--num-docs", n_d, "--output", ev / "passkey.json", "--plot", plots / "passkey_heatmap.png",
