@@ -87,6 +87,7 @@ class RopeBertContrastive(L.LightningModule):
         gradcache_chunk: Optional[int] = 64,
         attn_backend: str = "auto",
         rope_theta: Optional[float] = None,
+        original_max_position_embeddings: Optional[int] = None,
         hidden_dropout: Optional[float] = None,
         attention_dropout: Optional[float] = None,
         activation_checkpointing: bool = False,
@@ -121,6 +122,10 @@ class RopeBertContrastive(L.LightningModule):
                 None embeds the whole batch with its graph (no cache).
             attn_backend: attention backend name (eager, sdpa, sdpa_packed, varlen, flash_attn, xformers, auto).
             rope_theta: override the model's rope_theta (e.g. when continuing at a longer length).
+            original_max_position_embeddings: the context length this model is trained at, recorded in its config:
+                the long-context methods (NTK / SelfExtend / PI / GP / RP presets, attention scaling) extend from it.
+                None keeps the checkpoint's (default: max_position_embeddings). Set it when training at a shorter
+                length than the position range (e.g. a 512-position model trained on 128-token texts).
             hidden_dropout: override hidden_dropout_prob (None: keep the checkpoint's).
             attention_dropout: override attention_probs_dropout_prob (None: keep the checkpoint's).
             activation_checkpointing: recompute each layer in backward (non-reentrant, RNG preserved).
@@ -141,12 +146,20 @@ class RopeBertContrastive(L.LightningModule):
             raise ValueError(f"model.gradcache_chunk must be >= 1 or null, got {gradcache_chunk}")
         if warmup_steps < 0 or lr <= 0:
             raise ValueError(f"need warmup_steps >= 0 and lr > 0, got {warmup_steps}, {lr}")
+        if activation_checkpointing and compile:
+            raise ValueError("model.activation_checkpointing and model.compile cannot be combined (torch.utils.checkpoint "
+                             "recomputes a compiled layer with different saved tensors); pick one")
         if max_nonfinite < 1:
             raise ValueError(f"model.max_nonfinite must be >= 1, got {max_nonfinite}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.model = load_init_model(init_from, rope_theta)
         cfg = self.model.config
+        if original_max_position_embeddings is not None:
+            if original_max_position_embeddings < 2:
+                raise ValueError(f"model.original_max_position_embeddings must be >= 2, got {original_max_position_embeddings}")
+            cfg.original_max_position_embeddings = int(original_max_position_embeddings)
+            cfg.validate_ropebert()
         if hidden_dropout is not None:
             cfg.hidden_dropout_prob = float(hidden_dropout)
             for m in self.model.modules():  # every nn.Dropout is a hidden dropout (attention dropout is functional)

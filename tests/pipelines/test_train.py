@@ -310,3 +310,37 @@ def test_torchrun_two_nodes_agree_on_final_weights(tiny_bert_dir, pair_shards, t
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
     d = [(tmp_path / "digests" / f"digest-rank{r}.txt").read_text().split() for r in (0, 1)]
     assert d[0] == d[1] and d[0][1:] == ["4", "2"]  # same weights, 4 steps, world size 2
+
+
+# -- options applied outside the model: activation checkpointing, torch.compile, trained length ---------------
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_and_compile_keep_gradients(tiny_bert_dir):
+    from ropebert.pipelines.gradcache import contrastive_step
+    from ropebert.pipelines.module import RopeBertContrastive
+
+    from ..conftest import padded_batch
+
+    q, p = padded_batch([5, 9, 3, 7], vocab=1000, seed=1), padded_batch([12, 4, 8, 6], vocab=1000, seed=2)
+    groups = {"query": {"input_ids": q[0], "attention_mask": q[1]}, "passage": {"input_ids": p[0], "attention_mask": p[1]}}
+    grads = []
+    for opts in ({}, {"activation_checkpointing": True}, {"compile": True}):
+        torch.manual_seed(0)
+        m = RopeBertContrastive(str(tiny_bert_dir), hidden_dropout=0.0, attention_dropout=0.0,
+                                original_max_position_embeddings=64, **opts)
+        m.configure_model()
+        assert m.model.config.original_max_position_embeddings == 64
+        if opts.get("activation_checkpointing"):
+            assert m.model.encoder.gradient_checkpointing
+        if opts.get("compile"):
+            assert m._compiled
+        res = contrastive_step(m._embed, groups, m._loss_fn({}), chunk_size=2)
+        assert res.finite
+        grads.append({k: v.grad.clone() for k, v in m.model.named_parameters()})
+    for other in grads[1:]:  # same gradients up to fp32 reassociation (fused kernels under compile; tau = 0.01)
+        for k in grads[0]:
+            rel = (other[k] - grads[0][k]).norm() / grads[0][k].norm().clamp(min=1e-12)
+            assert rel < 1e-4, (k, rel.item())
+    with pytest.raises(ValueError, match="cannot be combined"):
+        RopeBertContrastive(str(tiny_bert_dir), activation_checkpointing=True, compile=True)
