@@ -72,6 +72,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rss import RssSampler  # noqa: E402
+
 SHAPES = {
     "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
     "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
@@ -167,51 +170,6 @@ def make_batch(B: int, cfg: dict) -> dict:
     return groups
 
 
-class _RssSampler:
-    """Peak resident set size of this process, sampled every ~2 ms in a daemon thread."""
-
-    def __init__(self):
-        try:
-            import psutil
-
-            proc = psutil.Process()
-            self._read = lambda: proc.memory_info().rss
-            self.source = "psutil"
-        except ImportError:
-            page = os.sysconf("SC_PAGE_SIZE")
-
-            def read():
-                with open("/proc/self/statm") as f:
-                    return int(f.read().split()[1]) * page
-
-            self._read = read
-            self.source = "/proc/self/statm"
-        self.peak = 0
-        self.interval = 0.002
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-
-    def rss(self) -> int:
-        return self._read()
-
-    def start(self) -> None:
-        self.peak = self._read()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._read())
-            time.sleep(self.interval)
-
-    def stop(self) -> int:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.peak = max(self.peak, self._read())
-        return self.peak
-
-
 def _vm_hwm() -> Optional[int]:
     try:
         with open("/proc/self/status") as f:
@@ -237,7 +195,7 @@ def measure(cfg: dict) -> dict:
     B, chunk = cfg["batch"], cfg["chunk"]
     row = {"batch": B, "mode": f"gradcache chunk {chunk}" if chunk else "no cache", "chunk": chunk}
     torch.manual_seed(cfg["seed"])
-    sampler = None if gpu else _RssSampler()
+    sampler = None if gpu else RssSampler()
 
     mcfg = RopeBertConfig(vocab_size=VOCAB, max_position_embeddings=max(512, cfg["p_len"], cfg["q_len"]),
                           attention_probs_dropout_prob=cfg["attn_dropout"], attn_backend=cfg["backend"],

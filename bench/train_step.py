@@ -84,6 +84,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rss import RssSampler  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
     "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
@@ -321,47 +324,6 @@ def _sync(device: torch.device) -> None:
 # peak memory: one fresh subprocess per model
 
 
-class _RssSampler:
-    """Peak RSS of this process, sampled every ~2 ms in a daemon thread."""
-
-    def __init__(self):
-        try:
-            import psutil
-
-            proc = psutil.Process()
-            self.read = lambda: proc.memory_info().rss
-            self.source = "psutil"
-        except ImportError:
-            page = os.sysconf("SC_PAGE_SIZE")
-
-            def read():
-                with open("/proc/self/statm") as f:
-                    return int(f.read().split()[1]) * page
-
-            self.read = read
-            self.source = "/proc/self/statm"
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = None
-
-    def start(self):
-        self.peak = self.read()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.read())
-            time.sleep(0.002)
-
-    def stop(self) -> int:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.peak = max(self.peak, self.read())
-        return self.peak
-
-
 def _mem_worker(payload: str) -> None:
     cfg = json.loads(payload)
     args = argparse.Namespace(**cfg["args"])
@@ -386,7 +348,7 @@ def _mem_worker(payload: str) -> None:
         row["reserved_bytes"] = torch.cuda.max_memory_reserved(device)
         row["memory"] = "torch.cuda.max_memory_allocated (absolute, one step after warm-up)"
     else:
-        sampler = _RssSampler()
+        sampler = RssSampler()
         base = sampler.read()
         _, step = build(cfg["model_dir"], groups, args, device)
         built = sampler.read()

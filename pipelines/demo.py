@@ -259,9 +259,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     shared = Path(args.shared) if Path(args.shared, "msmarco", "corpus.jsonl").is_file() else None
     d = Demo(out, shared, args.quick)
-    for name, fn in [("convert", d.convert), ("shards", d.shards), ("stage1", d.stage1), ("mine", d.mine),
-                     ("stage2", d.stage2), ("reload", d.reload), ("evaluate", d.evaluate)]:
-        d.step(name, fn)
+    try:
+        for name, fn in [("convert", d.convert), ("shards", d.shards), ("stage1", d.stage1), ("mine", d.mine),
+                         ("stage2", d.stage2), ("reload", d.reload), ("evaluate", d.evaluate)]:
+            d.step(name, fn)
+    except KeyboardInterrupt:
+        print(f"\n[demo] interrupted; run the same command again to resume (finished steps are kept in {d.marks}, "
+              "training continues from its last checkpoint)", file=sys.stderr)
+        return 130
     d.summary()
     print(f"\n[demo] all done in {time.time() - d.t0:.0f}s; artifacts under {out}")
     return 0
