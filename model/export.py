@@ -67,7 +67,14 @@ def load_source(src: str) -> RopeBertModel:
     if cfg.get("model_type") == "bert" and "rope_theta" not in cfg:
         logger.info("export: %s is an APE BERT; converting it to RoPE BERT (position table dropped)", src)
         return RopeBertModel.from_bert(str(p))
-    return RopeBertModel.from_pretrained(str(p))
+    model, info = RopeBertModel.from_pretrained(str(p), output_loading_info=True)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # never hand back randomly initialised weights (e.g. a checkpoint under an unknown prefix)
+        unexpected = sorted(info.get("unexpected_keys") or [])
+        raise ValueError(f"{src}: {len(missing)} model weights missing from the checkpoint (e.g. {missing[:4]}); "
+                         f"unexpected keys there: {unexpected[:4]} — weights must use BERT names, optionally under "
+                         "'e5rope.'")
+    return model
 
 
 def _sentence_transformers_files(out: Path, config: RopeBertConfig, max_seq_length: int, prompts: dict) -> None:

@@ -173,3 +173,20 @@ def test_export_cli_roundtrip_and_errors(minilm_dir, tmp_path):
     assert main(["export", str(minilm_dir), "--out", str(out)]) == 1  # not empty, no --overwrite
     assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")]) == 1
     assert main(["nosuchcommand"]) == 2
+
+
+def test_load_source_refuses_weights_under_an_unknown_prefix(tmp_path):
+    """A checkpoint whose weights transformers cannot match must be an error, not a randomly initialised model."""
+    from safetensors.torch import load_file, save_file
+
+    from ropebert.model import RopeBertModel
+    from ropebert.model.export import load_source
+
+    from ..conftest import tiny_config
+
+    RopeBertModel(tiny_config()).save_pretrained(str(tmp_path))
+    load_source(str(tmp_path))  # BERT names: loads
+    st = load_file(str(tmp_path / "model.safetensors"))
+    save_file({"bert." + k: v for k, v in st.items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="weights missing from the checkpoint"):
+        load_source(str(tmp_path))
