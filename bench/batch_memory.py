@@ -73,7 +73,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rss import RssSampler  # noqa: E402
+from common import RssSampler, device_name  # noqa: E402
 
 SHAPES = {
     "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
@@ -313,21 +313,6 @@ def _run_config(cfg: dict, timeout: Optional[float]) -> dict:
         return {**base, "status": "OOM"}
     status = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"failed (rc {proc.returncode})"
     return {**base, "status": status, "error": "\n".join(err[-15:])}
-
-
-def device_name(device: str, threads: int) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"CPU ({model}, {os.cpu_count()} logical cores, {threads} torch thread{'s' if threads != 1 else ''})"
 
 
 def run(args: Union[argparse.Namespace, Sequence[str], None] = None, *, log=None) -> list[dict]:

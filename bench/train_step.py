@@ -85,7 +85,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rss import RssSampler  # noqa: E402
+from common import RssSampler, device_name  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -384,21 +384,6 @@ def measure_memory(name: str, model_dir: str, batch_file: str, args, timeout: fl
 
 # ----------------------------------------------------------------------------------------------------------
 # the benchmark
-
-
-def device_name(device: torch.device, threads: int) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"CPU ({model}, {os.cpu_count()} logical cores, {threads} torch thread{'s' if threads != 1 else ''})"
 
 
 def run(args: Union[argparse.Namespace, Sequence[str], None] = None, *, log=None) -> list[dict]:

@@ -115,30 +115,39 @@ def _key_from(obj: dict, opts: SourceOptions, fallback: str) -> str:
 # -- JSONL ------------------------------------------------------------------------------------------------
 
 
+def _scan_jsonl(path) -> Iterator[Union[tuple[int, str, object], Bad]]:
+    """(line number, "file:line", parsed value) per non-blank line of a JSONL file, or a Bad naming file:line
+    (non-UTF-8 bytes, malformed JSON). Blank lines are not records."""
+    with open(path, "rb") as f:
+        for ln, raw in enumerate(f, 1):
+            where = f"{path}:{ln}"
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield Bad(where, "non-UTF-8 bytes", f"byte {e.start}")
+                continue
+            try:
+                yield ln, where, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield Bad(where, "malformed JSON", e.msg + f" at column {e.colno}")
+
+
 def _jsonl(inputs: list[str], opts: SourceOptions):
     def it() -> Iterator[Item]:
         for fi, path in enumerate(inputs):
             stem = sanitize_key(Path(path).name.split(".")[0])
-            with open(path, "rb") as f:
-                for ln, raw in enumerate(f, 1):
-                    where = f"{path}:{ln}"
-                    if not raw.strip():
-                        continue  # blank lines are not records
-                    try:
-                        line = raw.decode("utf-8")
-                    except UnicodeDecodeError as e:
-                        yield Bad(where, "non-UTF-8 bytes", f"byte {e.start}")
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        yield Bad(where, "malformed JSON", e.msg + f" at column {e.colno}")
-                        continue
-                    try:
-                        key = _key_from(obj if isinstance(obj, dict) else {}, opts, f"{fi:03d}_{stem}_{ln:09d}")
-                        yield Record(key, make_sample(obj, opts), where)
-                    except _BadField as e:
-                        yield Bad(where, e.reason, e.detail)
+            for item in _scan_jsonl(path):
+                if isinstance(item, Bad):
+                    yield item
+                    continue
+                ln, where, obj = item
+                try:
+                    key = _key_from(obj if isinstance(obj, dict) else {}, opts, f"{fi:03d}_{stem}_{ln:09d}")
+                    yield Record(key, make_sample(obj, opts), where)
+                except _BadField as e:
+                    yield Bad(where, e.reason, e.detail)
 
     desc = {"format": "jsonl", "inputs": [str(p) for p in inputs], "query_field": opts.query_field,
             "passage_field": opts.passage_field, "key_field": opts.key_field}
@@ -221,21 +230,11 @@ def passage_text(doc: dict) -> str:
 
 def _scan_beir_jsonl(path: Path) -> Iterator[Union[tuple[dict, str], Bad]]:
     """(object, "file:line") per non-blank line of a BEIR corpus/queries file, or a Bad naming file:line."""
-    with open(path, "rb") as f:
-        for ln, raw in enumerate(f, 1):
-            where = f"{path}:{ln}"
-            if not raw.strip():
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield Bad(where, "non-UTF-8 bytes", f"byte {e.start}")
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield Bad(where, "malformed JSON", e.msg + f" at column {e.colno}")
-                continue
+    for item in _scan_jsonl(path):
+        if isinstance(item, Bad):
+            yield item
+        else:
+            _, where, obj = item
             if not isinstance(obj, dict):
                 yield Bad(where, "not a JSON object", type(obj).__name__)
             elif "_id" not in obj:

@@ -1,11 +1,12 @@
-"""Peak resident-set-size sampling for the CPU benchmarks (shared by batch_memory.py and train_step.py)."""
+"""Helpers shared by the benchmarks: peak-RSS sampling on CPU, a readable device name."""
 
 from __future__ import annotations
 
 import os
+import platform
 import threading
 import time
-from typing import Optional
+from typing import Optional, Union
 
 
 class RssSampler:
@@ -51,3 +52,22 @@ class RssSampler:
             self._thread.join()
         self.peak = max(self.peak, self.read())
         return self.peak
+
+
+def device_name(device: Union[str, "torch.device"], threads: int) -> str:  # noqa: F821
+    """GPU name, or the CPU model with its core count and the torch thread count."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU ({model}, {os.cpu_count()} logical cores, {threads} torch thread{'s' if threads != 1 else ''})"
