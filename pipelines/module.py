@@ -262,7 +262,6 @@ class RopeBertContrastive(L.LightningModule):
 
     def _loss_fn(self, batch: dict):
         hp = self.hparams
-        K = None
         teacher = batch.get("teacher_scores") if (hp.stage == "finetune" and hp.distill) else None
 
         def fn(embs: dict[str, torch.Tensor]):

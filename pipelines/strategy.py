@@ -58,8 +58,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options, got {storage_options!r}")
-        fs = get_filesystem(path)
-        if fs.protocol not in ("file", ("file", "local"), "local") and "file" not in tuple(fs.protocol):
+        protocols = get_filesystem(path).protocol
+        protocols = set(protocols) if isinstance(protocols, (tuple, list)) else {protocols}
+        if not protocols & {"file", "local"}:
             return super().save_checkpoint(checkpoint, path, storage_options)
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
