@@ -26,15 +26,21 @@ CHECKPOINT_FORMAT = 1
 CHECKPOINT_KEY = "ropebert"
 
 
-def checkpoint_payload(model: RopeBertModel, tokenizer, model_prefix: str = "model.") -> dict:
-    """What a training checkpoint carries under CHECKPOINT_KEY (written by the training module)."""
-    files = {}
+def tokenizer_files(tokenizer) -> dict[str, bytes]:
+    """The files `tokenizer.save_pretrained` writes, as {name: bytes} ({} without a tokenizer)."""
+    files: dict[str, bytes] = {}
     if tokenizer is not None:
         with tempfile.TemporaryDirectory() as d:
             tokenizer.save_pretrained(d)
             for p in sorted(Path(d).iterdir()):
                 if p.is_file():
                     files[p.name] = p.read_bytes()
+    return files
+
+
+def checkpoint_payload(model: RopeBertModel, files: dict[str, bytes], model_prefix: str = "model.") -> dict:
+    """What a training checkpoint carries under CHECKPOINT_KEY (written by the training module); `files` from
+    tokenizer_files()."""
     cfg = model.config.to_dict()
     for k in ("auto_map", "architectures", "_name_or_path", "transformers_version"):
         cfg.pop(k, None)

@@ -12,13 +12,13 @@ Unknown keys, wrong types and missing required values are errors before anything
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from ropebert.shards.datamodule import ShardDataModule
-import warnings
 
 # ModelCheckpoint under manual optimisation: our checkpoints are taken after the optimizer step on purpose
 warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")

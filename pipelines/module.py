@@ -28,7 +28,7 @@ from torch import nn
 
 from ropebert.model import RopeBertModel
 from ropebert.model.export import load_source
-from ropebert.model.training_checkpoint import CHECKPOINT_KEY, checkpoint_payload
+from ropebert.model.training_checkpoint import CHECKPOINT_KEY, checkpoint_payload, tokenizer_files
 
 from .gradcache import allreduce_gradients, contrastive_step
 from .loss import contrastive_loss, dist_info
@@ -169,10 +169,11 @@ class RopeBertContrastive(L.LightningModule):
             cfg.attention_probs_dropout_prob = float(attention_dropout)
         self.model.set_attn_backend(attn_backend)
         try:
-            self._tokenizer = self.model.tokenizer
+            tok = self.model.tokenizer
         except ValueError:
-            self._tokenizer = None
+            tok = None
             logger.warning("init model %s has no tokenizer files; checkpoints will need --tokenizer to export", init_from)
+        self._tokenizer_files = tokenizer_files(tok)  # serialised once, stored in every checkpoint
         if learn_temperature:
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
         else:
@@ -371,7 +372,7 @@ class RopeBertContrastive(L.LightningModule):
             self._step_log_file = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[CHECKPOINT_KEY] = checkpoint_payload(self.model, self._tokenizer, model_prefix="model.")
+        checkpoint[CHECKPOINT_KEY] = checkpoint_payload(self.model, self._tokenizer_files, model_prefix="model.")
         checkpoint["ropebert_train_state"] = {
             "nonfinite_in_row": self.nonfinite_in_row, "nonfinite_total": self.nonfinite_total,
             "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
