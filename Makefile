@@ -34,7 +34,7 @@ demo: $(STAMP)
 
 # ROPEBERT_REQUIRE_TESTS makes a run that passes no test (nothing collected, or everything skipped) fail.
 test: $(STAMP)
-	ROPEBERT_REQUIRE_TESTS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests
+	ROPEBERT_REQUIRE_TESTS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/pytest -q tests
 
 # All benchmarks (bench/loader.py, batch_memory.py, kernels.py, train_step.py), each in a capped subprocess, sized
 # for the device (CPU: ~10 min on 2 cores); prints one table, details under artifacts/bench/.

@@ -1,58 +1,83 @@
 """The `ropebert` console command: one entry point, subcommands implemented in the sub-packages.
 
-Each entry maps a subcommand to "module:function"; the function takes the remaining argv and returns an
-exit status. Modules are imported only when their subcommand runs, so `ropebert --help` stays fast.
+Commands (and the sub-commands of `ropebert eval` / `ropebert shards`) are tables of name -> ("module:function",
+help), dispatched by `dispatch`: the module is imported only when its command runs, so `--help` stays fast;
+the function takes the remaining argv and returns an exit status. A `UserError` (bad input, arguments, files)
+or an OSError (a missing file, a full or read-only disk) escaping a command is printed as one line and exits
+1; anything else is a bug and keeps its traceback. ROPEBERT_DEBUG=1 shows tracebacks for user errors too.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from typing import Optional
 
-COMMANDS: dict[str, tuple[str, str]] = {
-    "eval": ("ropebert.pipelines.eval_cli:main", "evaluate: retrieval (BEIR), passkey, needle (LongEmbed-style)"),
-    "fit": ("ropebert.pipelines.fit:main", "train (LightningCLI): stage 1 / stage 2 contrastive, multi-node, exact resume"),
-    "demo": ("ropebert.pipelines.demo:main", "run the whole pipeline on a small CPU budget (resumable)"),
-    "export": ("ropebert.model.export:main", "export a model dir / checkpoint to a Hugging Face directory"),
-    "similarity": ("ropebert.similarity:main", "embed texts with a model and print a cosine-similarity table"),
+from . import __version__
+from .errors import InputError, UserError
+
+Table = dict[str, tuple[str, str]]
+
+# in pipeline order: data -> stage 1/2 training -> mining -> export -> evaluation; then the conveniences
+COMMANDS: Table = {
     "shards": ("ropebert.shards.build:main", "build / inspect / verify webdataset shards (+ manifest.json)"),
-    "mine": ("ropebert.shards.mine:main", "mine hard negatives with a model and write stage-2 shards"),
+    "fit": ("ropebert.pipelines.train.fit:main", "train (LightningCLI): stage 1 / stage 2 contrastive, multi-node, exact resume"),
+    "mine": ("ropebert.pipelines.mine.negatives:main", "mine hard negatives with a model and write stage-2 shards"),
+    "export": ("ropebert.model.export:main", "export a model dir / checkpoint to a Hugging Face directory (--verify)"),
+    "eval": ("ropebert.pipelines.eval.cli:main", "evaluate: retrieval (BEIR), passkey, needle (LongEmbed-style)"),
+    "similarity": ("ropebert.pipelines.eval.similarity:main", "embed texts with a model and print a cosine-similarity table"),
+    "demo": ("ropebert.pipelines.demo.run:main", "run the whole pipeline on a small CPU budget (resumable)"),
 }
 
 
-def _usage() -> str:
-    width = max(len(c) for c in COMMANDS)
-    lines = ["usage: ropebert <command> [args...]", "", "commands:"]
-    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "`ropebert <command> --help` describes a command."]
+def usage(prog: str, table: Table, what: str = "command") -> str:
+    width = max(len(c) for c in table)
+    lines = [f"usage: {prog} <{what}> [args...]", "", f"{what}s:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in table.items()]
+    lines += ["", f"`{prog} <{what}> --help` describes a {what}."]
     return "\n".join(lines)
+
+
+class UsageError(InputError):
+    """An unknown command or sub-command: the `ropebert` command prints the usage and exits 2."""
+
+    def __init__(self, message: str, usage_text: str):
+        super().__init__(message)
+        self.usage = usage_text
+
+
+def dispatch(prog: str, table: Table, argv: list[str], what: str = "command") -> int:
+    """Run `table[argv[0]]` with argv[1:]. No argument: the usage, exit 2; -h/--help: the usage, exit 0; an
+    unknown name: UsageError."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(prog, table, what))
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in table:
+        label = f"{prog.removeprefix('ropebert').strip()} {what}".strip()
+        raise UsageError(f"unknown {label} {name!r}; choose from {', '.join(table)}", usage(prog, table, what))
+    module_name, func_name = table[name][0].split(":")
+    return int(getattr(importlib.import_module(module_name), func_name)(rest) or 0)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
-        return 0 if argv else 2
-    if argv[0] in ("-V", "--version"):
-        from . import __version__
-
+    if argv and argv[0] in ("-V", "--version"):
         print(f"ropebert {__version__}")
         return 0
-    cmd, rest = argv[0], argv[1:]
-    if cmd not in COMMANDS:
-        print(f"ropebert: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    target, _ = COMMANDS[cmd]
-    module_name, func_name = target.split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
     try:
-        return int(func(rest) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError, RuntimeError) as e:
-        # user-facing errors: one clear line, non-zero exit (tracebacks with ROPEBERT_DEBUG=1)
-        if __import__("os").environ.get("ROPEBERT_DEBUG"):
+        return dispatch("ropebert", COMMANDS, argv)
+    except UsageError as e:
+        print(f"ropebert: {e}\n\n{e.usage}", file=sys.stderr)
+        return 2
+    except (UserError, OSError) as e:
+        if os.environ.get("ROPEBERT_DEBUG"):
             raise
-        print(f"ropebert {cmd}: error: {e}", file=sys.stderr)
+        cmd = argv[0] if argv else ""
+        msg = str(e) if not isinstance(e, OSError) or isinstance(e, UserError) or not e.strerror else (
+            f"{e.strerror}: {e.filename}" if e.filename else str(e))
+        print(f"ropebert {cmd}: error: {msg}", file=sys.stderr)
         return 1

@@ -1,19 +1,19 @@
 """Peak memory and step time of one contrastive training step vs the global batch, with and without GradCache.
 
-Issue #5's memory benchmark: peak memory should stay ~flat as the batch grows with GradCache (only the
+Memory benchmark: peak memory should stay ~flat as the batch grows with GradCache (only the
 loss' B x B logits and the cached B x D embeddings grow with it), and a GradCache step should cost at most
 ~1.35x the plain one-forward-with-graph step where both fit. GPU target: 16,384 pairs, q 64 / p 512
 tokens, BERT-base, one H100, peak <= 30 GB.
 
 What ONE measured step is (the real training code path, nothing re-implemented):
 
-    pipelines.gradcache.contrastive_step(model.embed, {"query", "passage"[, "negatives"]}, loss_fn,
+    pipelines.train.gradcache.contrastive_step(model.embed, {"query", "passage"[, "negatives"]}, loss_fn,
                                          chunk_size=--chunk (GradCache) or None (no cache: one forward of
                                          each group with its graph, loss, one backward))
-    loss_fn = pipelines.loss.contrastive_loss(q, p, n, temperature=0.01, return_stats=True), as in
-              pipelines/module.py (InfoNCE over in-batch passages [+ hard negatives]; single process, so
+    loss_fn = pipelines.train.loss.contrastive_loss(q, p, n, temperature=0.01, return_stats=True), as in
+              pipelines/train/module.py (InfoNCE over in-batch passages [+ hard negatives]; single process, so
               gather is a no-op)
-    pipelines.gradcache.allreduce_gradients (no-op without a process group), clip_grad_norm_(1.0),
+    pipelines.train.gradcache.allreduce_gradients (no-op without a process group), clip_grad_norm_(1.0),
     AdamW.step(), zero_grad(set_to_none=True)
 
 on a freshly initialised RopeBertModel (--shape: tiny 2x128, minilm 6x384, base = BERT-base 12x768;
@@ -41,10 +41,10 @@ Peak memory:
     malloc may keep freed pages, so it is an upper bound on what the step needed. (The row's JSON also has
     the kernel's VmHWM increase, warm-up included, as a cross-check of the sampler.)
 
-Every configuration (batch size x mode) runs in a fresh subprocess, so peaks (and a CUDA OOM) never leak
-from one row into the next; this parent process only orchestrates and prints the table. No-cache runs are
-tried only up to --no-cache-max pairs; a CUDA out-of-memory is reported as "OOM". Once a mode's step takes
-longer than --time-cap, its larger batches are skipped ("skipped (time cap)").
+Every configuration (batch size x mode) runs in a fresh subprocess (common.run_isolated), so peaks (and a CUDA
+OOM) never leak from one row into the next; this parent process only orchestrates and prints the table. No-cache
+runs are tried only up to --no-cache-max pairs; a CUDA out-of-memory is reported as "OOM". Once a mode's step
+takes longer than --time-cap, its larger batches are skipped ("skipped (time cap)").
 
 Usage:
     .venv/bin/python bench/batch_memory.py --device cpu --shape tiny --batches 64 128 256 512 --chunk 32 \\
@@ -60,20 +60,14 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from typing import Optional, Sequence, Union
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RssSampler, device_name  # noqa: E402
+from common import (PeakMemory, add_result_args, command_line, device_name, emit, fmt_mem, parse_or_run_child,
+                    run_isolated, sync)
 
 SHAPES = {
     "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
@@ -118,8 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "threads spinning on busy cores made a step ~4x slower than one thread; CUDA: torch default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--markdown", action="store_true", help="print only the markdown table (with its header)")
-    ap.add_argument("--json", default=None, help="also write the rows here")
-    ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    add_result_args(ap, "header + rows", child_flag="--_worker")
     return ap
 
 
@@ -185,8 +178,8 @@ def measure(cfg: dict) -> dict:
     """Build the model and the batch, warm up, time cfg["repeats"] steps; returns one result row."""
     from ropebert.model import RopeBertConfig, RopeBertModel
     from ropebert.model.modeling_ropebert import resolve_attention_backend
-    from ropebert.pipelines.gradcache import allreduce_gradients, contrastive_step
-    from ropebert.pipelines.loss import contrastive_loss
+    from ropebert.pipelines.train.gradcache import allreduce_gradients, contrastive_step
+    from ropebert.pipelines.train.loss import contrastive_loss
 
     device = torch.device(cfg["device"])
     gpu = device.type == "cuda"
@@ -195,7 +188,7 @@ def measure(cfg: dict) -> dict:
     B, chunk = cfg["batch"], cfg["chunk"]
     row = {"batch": B, "mode": f"gradcache chunk {chunk}" if chunk else "no cache", "chunk": chunk}
     torch.manual_seed(cfg["seed"])
-    sampler = None if gpu else RssSampler()
+    mem = PeakMemory(device)
 
     mcfg = RopeBertConfig(vocab_size=VOCAB, max_position_embeddings=max(512, cfg["p_len"], cfg["q_len"]),
                           attention_probs_dropout_prob=cfg["attn_dropout"], attn_backend=cfg["backend"],
@@ -232,64 +225,49 @@ def measure(cfg: dict) -> dict:
             raise RuntimeError(f"contrastive_step counted {res.tokens} tokens, the batch has {row['real_tokens']}")
         return float(res.loss)
 
-    def sync():
-        if gpu:
-            torch.cuda.synchronize(device)
-
     try:
-        if gpu:
-            torch.cuda.reset_peak_memory_stats(device)
-        else:
-            base = sampler.rss()
+        base = mem.current()  # CPU: the pre-warm-up RSS (model and batch built)
         t0 = time.perf_counter()
         row["loss"] = step()  # warm-up
-        sync()
+        sync(device)
         row["warmup_s"] = time.perf_counter() - t0
-        if sampler is not None:
-            sampler.start()  # peak over the timed steps only; base stays the pre-warm-up RSS
-        times, peak_alloc, peak_res = [], 0, 0
+        mem.start()  # peak over the timed steps only (CUDA: peak stats reset here)
+        times = []
         t_start = time.perf_counter()
         for _ in range(cfg["repeats"]):
-            if gpu:
-                torch.cuda.reset_peak_memory_stats(device)
-            sync()
+            sync(device)
             t0 = time.perf_counter()
             row["loss"] = step()
-            sync()
+            sync(device)
             times.append(time.perf_counter() - t0)
-            if gpu:
-                peak_alloc = max(peak_alloc, torch.cuda.max_memory_allocated(device))
-                peak_res = max(peak_res, torch.cuda.max_memory_reserved(device))
             if cfg["time_cap"] and time.perf_counter() - t_start > cfg["time_cap"]:
                 break
     except torch.OutOfMemoryError:
         row.update(status="OOM")
         return row
     finally:
-        if sampler is not None:
-            sampler.stop()
+        mem.stop()
     row["status"] = "ok"
     row["steps_timed"] = len(times)
     row["step_s"] = statistics.median(times)
     row["tokens_per_s"] = row["real_tokens"] / row["step_s"]
     if gpu:
-        row["peak_bytes"] = peak_alloc
-        row["reserved_bytes"] = peak_res
+        row["peak_bytes"] = mem.peak
+        row["reserved_bytes"] = mem.reserved
         row["memory"] = "max_memory_allocated"
     else:
-        row["peak_bytes"] = max(0, sampler.peak - base)
-        row["memory"] = f"peak RSS increase ({sampler.source})"
+        row["peak_bytes"] = max(0, mem.peak - base)
+        row["memory"] = f"peak RSS increase ({mem.source})"
         hwm = _vm_hwm()  # kernel high-water mark incl. the warm-up (fresh process: a cross-check of the sample)
         if hwm is not None:
             row["hwm_increase_bytes"] = max(0, hwm - base)
     return row
 
 
-def _worker(payload: str) -> None:
+def _worker(payload: str, json_path: str) -> None:
     cfg = json.loads(payload)
     torch.set_num_threads(cfg["threads"])
-    row = measure(cfg)
-    print("@@ROW@@" + json.dumps(row), flush=True)
+    emit(measure(cfg), json_path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -297,22 +275,17 @@ def _worker(payload: str) -> None:
 
 
 def _run_config(cfg: dict, timeout: Optional[float]) -> dict:
-    """One configuration in a fresh interpreter; the row it prints, or a failure row."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(cfg)]
+    """One configuration in a fresh interpreter (common.run_isolated); the row it emits, or a failure row."""
+    res = run_isolated(__file__, ["--_worker", json.dumps(cfg)], timeout)
+    if res["status"] == "ok":
+        return res["result"]
     base = {"batch": cfg["batch"], "chunk": cfg["chunk"],
             "mode": f"gradcache chunk {cfg['chunk']}" if cfg["chunk"] else "no cache"}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {**base, "status": f"timeout ({timeout:.0f} s)"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("@@ROW@@"):
-            return json.loads(line[len("@@ROW@@"):])
-    err = (proc.stderr or "").strip().splitlines()
-    if any("OutOfMemoryError" in l or "out of memory" in l.lower() for l in err):
+    err = res["error"].splitlines()
+    if not res["status"].startswith("timed out") and any(
+            "OutOfMemoryError" in l or "out of memory" in l.lower() for l in err):
         return {**base, "status": "OOM"}
-    status = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"failed (rc {proc.returncode})"
-    return {**base, "status": status, "error": "\n".join(err[-15:])}
+    return {**base, "status": res["status"], **({"error": res["error"]} if res["error"] else {})}
 
 
 def run(args: Union[argparse.Namespace, Sequence[str], None] = None, *, log=None) -> list[dict]:
@@ -344,7 +317,7 @@ def run(args: Union[argparse.Namespace, Sequence[str], None] = None, *, log=None
             log(f"[batch_memory] batch {B}, {mode} ...")
             row = _run_config({**common, "batch": B, "chunk": chunk}, timeout)
             if row.get("status") == "ok":
-                log(f"[batch_memory]   {row['step_s']:.3f} s/step, peak {_fmt_mem(row['peak_bytes'])}")
+                log(f"[batch_memory]   {row['step_s']:.3f} s/step, peak {fmt_mem(row['peak_bytes'])}")
             else:
                 log(f"[batch_memory]   {row['status']}" + (f"\n{row['error']}" if row.get("error") else ""))
             if row.get("status") == "OOM":  # larger batches of this mode would OOM too
@@ -361,12 +334,6 @@ def run(args: Union[argparse.Namespace, Sequence[str], None] = None, *, log=None
         if r["chunk"] and r.get("status") == "ok" and other is not None and other.get("status") == "ok":
             r["ratio_vs_no_cache"] = r["step_s"] / other["step_s"]
     return rows
-
-
-def _fmt_mem(b: Optional[float]) -> str:
-    if b is None:
-        return ""
-    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
 
 
 def header_lines(args: argparse.Namespace, command: str) -> list[str]:
@@ -391,9 +358,9 @@ def markdown_table(rows: list[dict], device: str) -> str:
             tok = f"{r['real_tokens']:,}" if r.get("real_tokens") else ""
             out.append(f"| {r['batch']:,} | {r['mode']} | {tok} | {r['status']} | | | |")
             continue
-        mem = _fmt_mem(r["peak_bytes"])
+        mem = fmt_mem(r["peak_bytes"])
         if r.get("reserved_bytes"):
-            mem += f" ({_fmt_mem(r['reserved_bytes'])})"
+            mem += f" ({fmt_mem(r['reserved_bytes'])})"
         ratio = f"{r['ratio_vs_no_cache']:.2f}×" if "ratio_vs_no_cache" in r else ""
         out.append(f"| {r['batch']:,} | {r['mode']} | {r['real_tokens']:,} | {r['step_s']:.3f} | "
                    f"{r['tokens_per_s']:,.0f} | {mem} | {ratio} |")
@@ -402,15 +369,11 @@ def markdown_table(rows: list[dict], device: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    if args._worker is not None:
-        _worker(args._worker)
+    args = parse_or_run_child(build_parser(), argv, "--_worker", _worker)
+    if args is None:  # a measurement child of _run_config
         return []
     args = _finish_args(args)
-    exe = os.path.relpath(sys.executable)
-    exe = sys.executable if exe.startswith("..") else exe
-    script = os.path.relpath(os.path.abspath(__file__))
-    command = shlex.join([exe, script if not script.startswith("..") else os.path.abspath(__file__)] + argv)
+    command = command_line(__file__, argv)
     rows = run(args)
     lines = header_lines(args, command)
     if args.markdown:
@@ -425,9 +388,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         print(f"\nattention backend (passages): {', '.join(backends) or 'n/a'}; memory: "
               + ("torch.cuda.max_memory_allocated (absolute), reserved in brackets" if args.device == "cuda"
                  else "peak RSS increase over the pre-warm-up RSS, fresh process per row"))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"header": lines, "rows": rows}, f, indent=2)
+    emit({"header": lines, "rows": rows}, args.json)
     return rows
 
 

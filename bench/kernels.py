@@ -2,6 +2,7 @@
 
     python bench/kernels.py            # GPU: full sizes, SelfExtend up to 32k tokens
     python bench/kernels.py --quick    # CPU-sized: small RoPE/attention batches, SelfExtend at 1k/2k/4k
+    python bench/kernels.py --quick --json kernels.json    # also every number as JSON (what run_all.py reads)
 
 1. RoPE fwd+bwd (q and k together): time and achieved GB/s (bytes of q, k read + written, forward and
    backward) for triton (CUDA only: the CPU interpreter is no benchmark), torch eager, torch.compile.
@@ -10,7 +11,7 @@
 3. SelfExtend fused (GPU: compiled FlexAttention partials merged by log-sum-exp; CPU: the query-chunked
    formula, since FlexAttention cannot compile with its lse output on CPU) vs plain attention (sdpa) vs the
    eager three-map reference, forward (inference), time and peak memory per length. Each measurement runs in a fresh
-   subprocess; peak memory is torch.cuda.max_memory_allocated on GPU and the sampled (1 ms) peak-RSS increase on CPU. The
+   subprocess (common.run_isolated); peak memory is torch.cuda.max_memory_allocated on GPU and the sampled (1 ms) peak-RSS increase on CPU. The
    reference is skipped where its three fp32 L x L score maps would not fit in --mem-limit-gb. A per-row time
    cap (--time-cap) stops a method at the first length exceeding it.
 """
@@ -20,23 +21,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
-import os
-import platform
-import subprocess
 import sys
-import threading
 import time
 import warnings
 
 import torch
+from common import PeakMemory, add_result_args, device_name, emit, parse_or_run_child, run_isolated, sync
 
 warnings.filterwarnings("ignore")
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timeit(fn, device, warmup=2, iters=5, cap_s=20.0):
@@ -53,12 +45,6 @@ def timeit(fn, device, warmup=2, iters=5, cap_s=20.0):
             break
     times.sort()
     return times[len(times) // 2]
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 # ---- 1. RoPE --------------------------------------------------------------------------------------------
@@ -92,9 +78,9 @@ def bench_rope(device, dtype, tokens, H, D):
         try:
             t = timeit(step, device)
         except Exception as e:
-            rows.append((name, f"failed: {type(e).__name__}", "", ""))
+            rows.append({"impl": name, "status": f"failed: {type(e).__name__}", "ms": None, "gb_per_s": None})
             continue
-        rows.append((name, f"{t * 1e3:.3f}", f"{nbytes / t / 1e9:.1f}", ""))
+        rows.append({"impl": name, "status": "ok", "ms": t * 1e3, "gb_per_s": nbytes / t / 1e9})
     return rows, nbytes
 
 
@@ -114,7 +100,7 @@ def bench_attention(device, dtype, n_seqs, H, D, seed=0):
     rows = []
     for name, be in sorted(ATTENTION_BACKENDS.items()):
         if not be.is_available(device, dtype):
-            rows.append((name, "n/a here", ""))
+            rows.append({"backend": name, "status": "n/a here", "tokens_per_s": None, "ms": None})
             continue
         common = dict(inv_freq=rope_inv_freq(D, 10000.0, device), seqlens=seqlens, scale=D**-0.5, dropout_p=0.0,
                       rope_fn=rope_torch)
@@ -136,18 +122,19 @@ def bench_attention(device, dtype, n_seqs, H, D, seed=0):
         try:
             t = timeit(step, device)
         except Exception as e:
-            rows.append((name, f"failed: {type(e).__name__}: {str(e)[:60]}", ""))
+            rows.append({"backend": name, "status": f"failed: {type(e).__name__}: {str(e)[:60]}", "tokens_per_s": None,
+                         "ms": None})
             continue
-        rows.append((name, f"{T / t:,.0f}", f"{t * 1e3:.1f}"))
+        rows.append({"backend": name, "status": "ok", "tokens_per_s": T / t, "ms": t * 1e3})
     return rows, T, [int(lens.min()), int(lens.max())]
 
 
 # ---- 3. SelfExtend -------------------------------------------------------------------------------------------
 
 
-def _se_worker(args):
-    """Runs in a fresh subprocess: one (method, length) forward; prints a JSON line with time and peak memory."""
-    method, L, H, D, dev, dtype_name = args
+def _se_worker(payload, json_path):
+    """Runs in a fresh subprocess (run_isolated): one (method, length) forward; emits time and peak memory."""
+    method, L, H, D, dev, dtype_name = json.loads(payload)
     from ropebert.model import modeling_ropebert as mr
 
     device, dtype = torch.device(dev), getattr(torch, dtype_name)
@@ -169,25 +156,9 @@ def _se_worker(args):
     step()  # warm-up (compilation, block masks)
     sync(device)
 
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    sampled = [0]
-    done = threading.Event()
-
-    def sample_rss():  # CPU: peak RSS sampled every ms while the timed forwards run
-        while not done.is_set():
-            sampled[0] = max(sampled[0], rss())
-            time.sleep(0.001)
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        base = rss()
-        sampler = threading.Thread(target=sample_rss, daemon=True)
-        sampler.start()
+    mem = PeakMemory(device, interval=0.001)  # CPU: peak RSS sampled every ms while the timed forwards run
+    base = mem.current()
+    mem.start()
     t = time.perf_counter()
     n = 0
     while True:
@@ -197,13 +168,8 @@ def _se_worker(args):
         if n >= 3 or time.perf_counter() - t > 10:
             break
     dt = (time.perf_counter() - t) / n
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        done.set()
-        sampler.join()
-        peak = sampled[0] - base
-    print(json.dumps({"time_s": dt, "peak_bytes": max(peak, 0)}))
+    peak = mem.stop() - base
+    emit({"time_s": dt, "peak_bytes": max(peak, 0)}, json_path)
 
 
 def bench_self_extend(device, dtype, lengths, H, D, time_cap, mem_limit):
@@ -211,29 +177,39 @@ def bench_self_extend(device, dtype, lengths, H, D, time_cap, mem_limit):
     stopped = set()
     for L in lengths:
         for method in ("plain", "fused", "eager three-map"):
+            row = {"length": L, "method": method, "ms": None, "peak_mib": None}
             if method in stopped:
-                rows.append((L, method, "skipped (time cap)", ""))
+                rows.append({**row, "status": "skipped (time cap)"})
                 continue
             if method == "eager three-map" and 3 * H * L * L * 4 > mem_limit:
-                rows.append((L, method, "skipped (3 L x L fp32 maps exceed --mem-limit-gb)", ""))
+                rows.append({**row, "status": "skipped (3 L x L fp32 maps exceed --mem-limit-gb)"})
                 continue
             arg = json.dumps([method, L, H, D, str(device), str(dtype).split(".")[-1]])
-            cmd = [sys.executable, __file__, "--se-worker", arg]
-            try:
-                r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(120, 6 * time_cap))
-            except subprocess.TimeoutExpired:
-                rows.append((L, method, "timed out", ""))
+            r = run_isolated(__file__, ["--se-worker", arg], timeout=max(120, 6 * time_cap))
+            if r["status"].startswith("timed out"):
+                rows.append({**row, "status": "timed out"})
                 stopped.add(method)
                 continue
-            if r.returncode != 0:
-                rows.append((L, method, "failed: " + (r.stderr.strip().splitlines() or ["?"])[-1][:80], ""))
+            if r["status"] != "ok":
+                rows.append({**row, "status": "failed: " + (r["error"].splitlines() or ["?"])[-1][:80]})
                 stopped.add(method)
                 continue
-            res = json.loads(r.stdout.strip().splitlines()[-1])
-            rows.append((L, method, f"{res['time_s'] * 1e3:.1f}", f"{res['peak_bytes'] / 2**20:.1f}"))
+            res = r["result"]
+            rows.append({**row, "status": "ok", "ms": res["time_s"] * 1e3, "peak_mib": res["peak_bytes"] / 2**20})
             if res["time_s"] > time_cap:
                 stopped.add(method)
     return rows
+
+
+def _table(head: str, rows: list, keys, first: tuple, second: tuple) -> None:
+    """Print a markdown table: the `keys` cells, then two numbers (key, format); a row that is not ok shows its
+    status in the first number's cell and leaves the second empty."""
+    print(head + "\n" + "|---" * head.count(" | ") + "|---|")
+    for r in rows:
+        ok = r["status"] == "ok"
+        cells = [str(r[k]) for k in ((keys,) if isinstance(keys, str) else keys)]
+        cells += [format(r[first[0]], first[1]) if ok else r["status"], format(r[second[0]], second[1]) if ok else ""]
+        print("| " + " | ".join(cells) + " |")
 
 
 def main(argv=None):
@@ -243,10 +219,10 @@ def main(argv=None):
     ap.add_argument("--lengths", type=str, default=None, help="comma-separated SelfExtend lengths")
     ap.add_argument("--time-cap", type=float, default=5.0, help="seconds per forward after which a method stops")
     ap.add_argument("--mem-limit-gb", type=float, default=None, help="memory budget for the eager reference")
-    ap.add_argument("--se-worker", type=str, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.se_worker:
-        return _se_worker(json.loads(args.se_worker))
+    add_result_args(ap, "every table's numbers", child_flag="--se-worker")
+    args = parse_or_run_child(ap, sys.argv[1:] if argv is None else argv, "--se-worker", _se_worker)
+    if args is None:  # a SelfExtend child of bench_self_extend
+        return 0
 
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -265,31 +241,34 @@ def main(argv=None):
     rope_tokens = 65536 if (on_gpu and not args.quick) else 4096
     n_seqs = 64 if (on_gpu and not args.quick) else 8
 
-    print(f"# ropebert kernel benchmarks\n")
-    print(f"- device: {device_name(device)}")
-    print(f"- date (UTC): {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}")
-    print(f"- torch {torch.__version__}, dtype {str(dtype).split('.')[-1]}, heads {H}, head_dim {D}")
-    print(f"- command: python bench/kernels.py {' '.join(sys.argv[1:])}\n")
+    header = {"device": device_name(device, torch.get_num_threads()),
+              "date_utc": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}",
+              "torch": torch.__version__, "dtype": str(dtype).split(".")[-1], "heads": H, "head_dim": D,
+              "command": f"python bench/kernels.py {' '.join(sys.argv[1:] if argv is None else argv)}"}
+    print("# ropebert kernel benchmarks\n")
+    print(f"- device: {header['device']}")
+    print(f"- date (UTC): {header['date_utc']}")
+    print(f"- torch {header['torch']}, dtype {header['dtype']}, heads {H}, head_dim {D}")
+    print(f"- command: {header['command']}\n")
 
     rows, nbytes = bench_rope(device, dtype, rope_tokens, H, D)
+    rope = {"tokens": rope_tokens, "bytes": nbytes, "rows": rows}
     print(f"## RoPE fwd+bwd, q and k, {rope_tokens} tokens ({nbytes / 2**20:.1f} MiB moved per fwd+bwd)\n")
     if not on_gpu:
         print("triton: not timed on CPU (only the Triton interpreter runs here; it is a correctness tool).\n")
-    print("| impl | ms | GB/s |\n|---|---|---|")
-    for name, ms, gbs, _ in rows:
-        print(f"| {name} | {ms} | {gbs} |")
+    _table("| impl | ms | GB/s |", rows, "impl", ("ms", ".3f"), ("gb_per_s", ".1f"))
 
     rows, T, (lo, hi) = bench_attention(device, dtype, n_seqs, H, D)
+    attention = {"sequences": n_seqs, "tokens": T, "lengths": [lo, hi], "rows": rows}
     print(f"\n## Attention fwd+bwd (rotary included), {n_seqs} sequences, lengths {lo}..{hi}, {T} tokens\n")
-    print("| backend | tokens/s | ms |\n|---|---|---|")
-    for name, tps, ms in rows:
-        print(f"| {name} | {tps} | {ms} |")
+    _table("| backend | tokens/s | ms |", rows, "backend", ("tokens_per_s", ",.0f"), ("ms", ".1f"))
 
     fused = "compiled FlexAttention partials, LSE-merged" if on_gpu else "query-chunked three-map formula, 512 queries/chunk"
     print(f"\n## SelfExtend (g=9, w=64, original 512) forward, 1 sequence; fused = {fused}; plain = sdpa\n")
-    print("| length | method | ms | peak MiB |\n|---|---|---|---|")
-    for L, method, ms, mib in bench_self_extend(device, dtype, lengths, H, D, args.time_cap, mem_limit):
-        print(f"| {L} | {method} | {ms} | {mib} |")
+    rows = bench_self_extend(device, dtype, lengths, H, D, args.time_cap, mem_limit)
+    _table("| length | method | ms | peak MiB |", rows, ("length", "method"), ("ms", ".1f"), ("peak_mib", ".1f"))
+    emit({"header": header, "rope": rope, "attention": attention,
+          "self_extend": {"fused": fused, "rows": rows}}, args.json)
     return 0
 
 

@@ -9,16 +9,18 @@ elements actually produced. The first `--warmup` batches (worker start-up) are n
 
     python bench/loader.py --shards DIR            # existing shards
     python bench/loader.py --build-docstrings      # build docstring shards (stdlib) into a temp dir first
+    python bench/loader.py --build-docstrings --json loader.json   # also the rows as JSON (what run_all.py reads)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from datetime import datetime, timezone
+
+from common import add_result_args, device_name, emit
 
 
 def run(shards: str, tokenizer: str, workers: int, batch_size: int, batches: int, warmup: int, kind: str,
@@ -71,6 +73,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--kind", default="pairs", choices=["pairs", "hard_negatives"])
     ap.add_argument("--max-passage-length", type=int, default=512)
+    add_result_args(ap, "header + rows")
     args = ap.parse_args()
     tok = args.tokenizer
     if tok is None:
@@ -87,16 +90,18 @@ def main() -> None:
         shards = tempfile.mkdtemp(prefix="ropebert-bench-shards-")
         m = build_shards("docstrings", list(args.packages or []), shards, SourceOptions(), maxcount=2000, overwrite=True)
         print(f"built {m['total_samples']} docstring pairs from {sorted(m['source']['packages'])} in {len(m['shards'])} shards: {shards}")
-    import os
-
     import torch
 
-    print(f"device: CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
-          f"torch {torch.__version__}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    header = {"device": device_name("cpu"), "torch": torch.__version__,
+              "date_utc": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M}"}
+    print(f"device: {header['device']}, torch {header['torch']}, {header['date_utc']} UTC")
+    rows = []
     try:
         for w in args.workers:
             r = run(shards, tok, w, args.batch_size, args.batches, args.warmup, args.kind, args.max_passage_length)
             print(json.dumps(r))
+            rows.append(r)
+        emit({"header": header, "rows": rows}, args.json)
     finally:
         if args.shards is None:  # the temporary docstring shards
             import shutil

@@ -1,16 +1,16 @@
 """Stage-1 training step: ropebert vs HF BertModel + sentence-transformers MNRL, same batch, same weights.
 
-Issue #7. One timed step = forward + backward + gradient clipping (1.0) + AdamW step + zero_grad, on the SAME
+One timed step = forward + backward + gradient clipping (1.0) + AdamW step + zero_grad, on the SAME
 tokenised batch of real variable-length (query, passage) text, for:
 
-(a) ropebert — the real training path of `ropebert fit` (pipelines/module.py), nothing re-implemented:
+(a) ropebert — the real training path of `ropebert fit` (pipelines/train/module.py), nothing re-implemented:
     `RopeBertContrastive(init_from=DIR, temperature=tau, gradcache_chunk=--chunk, attn_backend=--backend,
     attention_dropout=0.0)` (DIR = an APE BERT, converted by dropping its position table), then per step
-        pipelines.gradcache.contrastive_step(module._embed, {"query", "passage"}, module._loss_fn(batch),
-                                             chunk_size=--chunk)       # None (default): no GradCache
-        pipelines.gradcache.allreduce_gradients(params)                # no-op in one process
+        pipelines.train.gradcache.contrastive_step(module._embed, {"query", "passage"}, module._loss_fn(batch),
+                                                   chunk_size=--chunk)       # None (default): no GradCache
+        pipelines.train.gradcache.allreduce_gradients(params)                # no-op in one process
         clip_grad_norm_(params, 1.0); AdamW.step(); zero_grad(set_to_none=True)
-    `module._loss_fn` is pipelines.loss.contrastive_loss (InfoNCE, in-batch negatives, fp32 logits,
+    `module._loss_fn` is pipelines.train.loss.contrastive_loss (InfoNCE, in-batch negatives, fp32 logits,
     return_stats=True) exactly as training calls it. Attention backend "auto" = the best one available:
     CUDA -> varlen / flash_attn (packed, unpadded once per forward); CPU -> sdpa_packed when >= 20% of the
     batch is padding, else padded sdpa.
@@ -36,7 +36,7 @@ docstring pairs (the demo's stage-1 data: `ropebert shards build docstrings`, al
 "real tokens" = non-padding tokens of queries + passages; tokens/s and MFU count real tokens only, so the
 baseline's padding is work it does but not useful work.
 
-Peak memory, per model, in a FRESH subprocess per model (same batch, same settings; imports of both stacks done
+Peak memory, per model, in a FRESH subprocess per model (common.run_isolated; same batch, same settings; imports of both stacks done
 first): CPU = peak RSS sampled every 2 ms by a background thread (psutil if installed, else /proc/self/statm)
 during the warm-up + one step, minus the RSS of the process once the model and optimizer are built, i.e.
 gradients + AdamW state + activations + allocator slack and first-touch code pages (the weights are equal on
@@ -52,7 +52,7 @@ forward, when --chunk is set, and the baseline's padding are NOT counted):
     H200: 989 TFLOP/s, H100 NVL 835, H100 PCIe 756, A100 312). No MFU on CPU unless --peak-tflops is given
     (achieved TFLOP/s is always printed).
 
-Targets (issue #7): GPU (BERT-base, bf16) ratio >= 2.5x and ropebert MFU >= 45% on real tokens; CPU ratio >=
+Targets: GPU (BERT-base, bf16) ratio >= 2.5x and ropebert MFU >= 45% on real tokens; CPU ratio >=
 1.3x on a variable-length batch. ratio = baseline step time / ropebert step time (= ropebert tokens/s /
 baseline tokens/s: same batch).
 
@@ -70,24 +70,17 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import random
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
+from common import (REPO, PeakMemory, add_result_args, command_line, device_name, emit, fmt_mem, parse_or_run_child,
+                    run_isolated, sync)
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RssSampler, device_name  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
     "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
     "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
@@ -129,8 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-memory", action="store_true", help="skip the per-model peak-memory subprocesses")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: known GPUs, bf16)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None, help="also write header + rows here")
-    ap.add_argument("--_mem_worker", default=None, help=argparse.SUPPRESS)
+    add_result_args(ap, "header + rows", child_flag="--_mem_worker")
     return ap
 
 
@@ -233,8 +225,8 @@ def _adamw(named_params, lr=1e-5, weight_decay=0.01):
 
 
 def build_ropebert(model_dir: str, groups: dict, args, device: torch.device):
-    from ropebert.pipelines.gradcache import allreduce_gradients, contrastive_step
-    from ropebert.pipelines.module import RopeBertContrastive
+    from ropebert.pipelines.train.gradcache import allreduce_gradients, contrastive_step
+    from ropebert.pipelines.train.module import RopeBertContrastive
 
     mod = RopeBertContrastive(init_from=model_dir, stage="pretrain", temperature=args.temperature,
                               gradcache_chunk=args.chunk, attn_backend=args.backend, attention_dropout=0.0,
@@ -315,71 +307,58 @@ def gpu_peak_tflops(name: str) -> Optional[float]:
     return None
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # peak memory: one fresh subprocess per model
 
 
-def _mem_worker(payload: str) -> None:
+def _mem_worker(payload: str, json_path: str) -> None:
     cfg = json.loads(payload)
     args = argparse.Namespace(**cfg["args"])
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     # import both stacks first, so the baseline reading is the same for both models
     import sentence_transformers.sentence_transformer.losses  # noqa: F401
-    import ropebert.pipelines.module  # noqa: F401
+    import ropebert.pipelines.train.module  # noqa: F401
 
     groups = {k: {n: t.to(device) for n, t in g.items()} for k, g in torch.load(cfg["batch"]).items()}
     build = build_ropebert if cfg["model"] == "ropebert" else build_baseline
     row = {"model": cfg["model"]}
-    if device.type == "cuda":
-        _, step = build(cfg["model_dir"], groups, args, device)
-        for _ in range(max(1, args.warmup)):
-            step()
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    gpu = device.type == "cuda"
+    mem = PeakMemory(device)
+    base = mem.current()
+    _, step = build(cfg["model_dir"], groups, args, device)
+    built = mem.current()
+    warmup = max(1, args.warmup)
+    for _ in range(warmup if gpu else 0):  # CUDA: the warm-up is outside the measured window
         step()
-        _sync(device)
-        row["peak_bytes"] = torch.cuda.max_memory_allocated(device)
-        row["reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+    mem.start()
+    try:
+        for _ in range(0 if gpu else warmup):  # CPU: warm-up + 1 step
+            step()
+        step()
+    finally:
+        peak = mem.stop()
+    if gpu:
+        row["peak_bytes"] = peak
+        row["reserved_bytes"] = mem.reserved
         row["memory"] = "torch.cuda.max_memory_allocated (absolute, one step after warm-up)"
     else:
-        sampler = RssSampler()
-        base = sampler.read()
-        _, step = build(cfg["model_dir"], groups, args, device)
-        built = sampler.read()
-        sampler.start()
-        try:
-            for _ in range(max(1, args.warmup)):
-                step()
-            step()
-        finally:
-            peak = sampler.stop()
         row["peak_bytes"] = max(0, peak - built)
         row["abs_peak_bytes"] = peak
         row["model_rss_bytes"] = max(0, built - base)
         row["memory"] = (f"peak RSS increase during warm-up + 1 step over the RSS of the built model and optimizer "
-                         f"(gradients, AdamW state, activations; {sampler.source}, 2 ms sampling)")
-    print("@@MEM@@" + json.dumps(row), flush=True)
+                         f"(gradients, AdamW state, activations; {mem.source}, 2 ms sampling)")
+    emit(row, json_path)
 
 
 def measure_memory(name: str, model_dir: str, batch_file: str, args, timeout: float) -> dict:
+    """One model's peak memory in a fresh interpreter (common.run_isolated)."""
     payload = json.dumps({"model": name, "model_dir": model_dir, "batch": batch_file,
-                          "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}})
-    cmd = [sys.executable, os.path.abspath(__file__), "--_mem_worker", payload]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"model": name, "status": f"timeout ({timeout:.0f} s)"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("@@MEM@@"):
-            return {**json.loads(line[len("@@MEM@@"):]), "status": "ok"}
-    err = (proc.stderr or "").strip().splitlines()
-    return {"model": name, "status": f"failed (rc {proc.returncode})", "error": "\n".join(err[-10:])}
+                          "args": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "json"}})
+    res = run_isolated(__file__, ["--_mem_worker", payload], timeout)
+    if res["status"] == "ok":
+        return {**res["result"], "status": "ok"}
+    return {"model": name, "status": res["status"], "error": "\n".join(res["error"].splitlines()[-10:])}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -434,16 +413,16 @@ def run(args: Union[argparse.Namespace, Sequence[str], None] = None, *, log=None
             for _ in range(args.warmup):
                 t0 = time.perf_counter()
                 losses[name] = steps[name]()
-                _sync(device)
+                sync(device)
                 log(f"[train_step] warm-up {name}: {time.perf_counter() - t0:.2f} s (loss {losses[name]:.3f})")
         times: dict[str, list[float]] = {n: [] for n in MODELS}
         for i in range(args.steps):
             order = MODELS if i % 2 == 0 else MODELS[::-1]
             for name in order:
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 losses[name] = steps[name]()
-                _sync(device)
+                sync(device)
                 times[name].append(time.perf_counter() - t0)
             log(f"[train_step] step {i + 1}/{args.steps}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in MODELS))
         load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -497,12 +476,6 @@ def run(args: Union[argparse.Namespace, Sequence[str], None] = None, *, log=None
     return rows
 
 
-def _fmt_mem(b: Optional[float]) -> str:
-    if b is None:
-        return "n/a"
-    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
-
-
 def report(rows: list[dict], command: str) -> str:
     s = rows[-1]["setting"]
     gpu = not s["device"].startswith("CPU")
@@ -531,11 +504,11 @@ def report(rows: list[dict], command: str) -> str:
     ]
     for r in rows[:-1]:
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        mem = _fmt_mem(r["peak_bytes"])
+        mem = fmt_mem(r["peak_bytes"], 0, "n/a")
         if r.get("reserved_bytes"):
-            mem += f" ({_fmt_mem(r['reserved_bytes'])} reserved)"
+            mem += f" ({fmt_mem(r['reserved_bytes'], 0, 'n/a')} reserved)"
         if r.get("abs_peak_bytes"):
-            mem = f"+{mem} (process peak {_fmt_mem(r['abs_peak_bytes'])})"
+            mem = f"+{mem} (process peak {fmt_mem(r['abs_peak_bytes'], 0, 'n/a')})"
         out.append(f"| {r['label']} | {r['step_s']:.3f} | {r['real_tokens_per_s']:,.0f} | {r['pairs_per_s']:.1f} | "
                    f"{r['achieved_tflops']:.3f} | {mfu} | {mem} |")
     rr = rows[-1]
@@ -558,18 +531,13 @@ def report(rows: list[dict], command: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    if args._mem_worker is not None:
-        _mem_worker(args._mem_worker)
+    args = parse_or_run_child(build_parser(), argv, "--_mem_worker", _mem_worker)
+    if args is None:  # a peak-memory child of measure_memory
         return []
-    exe = os.path.relpath(sys.executable)
-    exe = sys.executable if exe.startswith("..") else exe
-    script = os.path.relpath(os.path.abspath(__file__))
-    command = shlex.join([exe, script if not script.startswith("..") else os.path.abspath(__file__)] + argv)
+    command = command_line(__file__, argv)
     rows = run(args)
     print(report(rows, command))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"command": command, "rows": rows}, indent=2, default=str))
+    emit({"command": command, "rows": rows}, args.json)
     return rows
 
 

@@ -1,12 +1,21 @@
-"""ropebert.model: the RoPE BERT encoder (E5-RoPE), its config, attention-backend registry and HF export."""
+"""ropebert.model: the RoPE BERT encoder (E5-RoPE), its config, backend registries, loading, long-context
+presets and the Hugging Face export.
+
+Importing it registers the optional backends that can run here: flash-attn / xformers attention when those
+packages are installed (optional_backends.py), and the fused Triton rotary of ropebert.kernels as rope_impl
+"triton" when Triton is importable.
+"""
+
+from ropebert.kernels import rope_triton, triton_available
 
 from .configuration_ropebert import RopeBertConfig
+from .load import from_bert, load_source
 from .modeling_ropebert import (
     ATTENTION_BACKENDS,
     ROPE_IMPLS,
+    SELF_EXTEND_IMPLS,
     AttentionContext,
     RopeBertModel,
-    SELF_EXTEND_IMPLS,
     apply_rotary,
     get_attention_backend,
     mean_pool,
@@ -18,20 +27,18 @@ from .modeling_ropebert import (
 )
 from .optional_backends import register_optional_backends
 
+
+def register_kernels() -> list[str]:
+    """Register ropebert.kernels' fused ops that can run here into the model's registries; returns their names."""
+    names = []
+    if triton_available():
+        register_rope_impl("triton", rope_triton)
+        names.append("triton")
+    return names
+
+
 register_optional_backends()
-
-
-def _register_kernels() -> None:
-    # the fused Triton rotary registers itself as rope_impl "triton" when Triton is importable
-    try:
-        from ropebert.kernels import register_kernels
-    except ImportError:  # ropebert.kernels missing from a partial install: the torch rotary still works
-        return
-    register_kernels()
-
-
-_register_kernels()
-
+register_kernels()
 __all__ = [
     "ATTENTION_BACKENDS",
     "ROPE_IMPLS",
@@ -40,9 +47,13 @@ __all__ = [
     "RopeBertModel",
     "SELF_EXTEND_IMPLS",
     "apply_rotary",
+    "from_bert",
     "get_attention_backend",
+    "load_source",
     "mean_pool",
     "register_attention_backend",
+    "register_kernels",
+    "register_optional_backends",
     "register_rope_impl",
     "rope_cos_sin",
     "rope_inv_freq",

@@ -17,11 +17,17 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
+
+from transformers import AutoTokenizer
+
+from ropebert.errors import InputError
+from ropebert.io import OutputDir
 
 from .configuration_ropebert import RopeBertConfig
+from .load import load_source
 from .modeling_ropebert import RopeBertModel
-from .training_checkpoint import load_training_checkpoint
+from .verify import verify_export
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +35,7 @@ MODEL_FILES = ("configuration_ropebert.py", "modeling_ropebert.py")
 # packages the exported code must never import: ropebert itself and optional GPU backends
 FORBIDDEN_IMPORTS = ("ropebert", "flash_attn", "xformers", "triton")
 DEFAULT_PROMPTS = {"query": "query: ", "passage": "passage: "}
-
-# Loaders for SRC kinds other than HF directories (e.g. training checkpoints), keyed by file suffix.
-# A loader takes the path and returns a RopeBertModel (with its tokenizer attached when known).
-SOURCE_LOADERS: dict[str, Callable[[str], RopeBertModel]] = {".ckpt": load_training_checkpoint}
+MARKER = "ropebert-export.json"  # lists what export wrote: how `--overwrite` recognises a directory it may replace
 
 
 def check_exported_source(path: Path) -> None:
@@ -47,34 +50,6 @@ def check_exported_source(path: Path) -> None:
         for n in names:
             if n.split(".")[0] in FORBIDDEN_IMPORTS:
                 raise RuntimeError(f"{path}:{node.lineno}: exported modeling code must not import {n!r}")
-
-
-def load_source(src: str) -> RopeBertModel:
-    """Load what `ropebert export SRC` names: a RopeBert/E5-RoPE directory, a BERT directory (converted by
-    dropping its absolute position table), or a file handled by a registered SOURCE_LOADERS entry."""
-    p = Path(src)
-    if p.is_file():
-        for suffix, loader in SOURCE_LOADERS.items():
-            if p.name.endswith(suffix):
-                return loader(str(p))
-        raise ValueError(f"export: don't know how to load file {src!r} (known suffixes: {sorted(SOURCE_LOADERS)})")
-    if not p.is_dir():
-        raise FileNotFoundError(f"export: {src!r} does not exist")
-    cfg_path = p / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"export: no config.json in {src!r}")
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    if cfg.get("model_type") == "bert" and "rope_theta" not in cfg:
-        logger.info("export: %s is an APE BERT; converting it to RoPE BERT (position table dropped)", src)
-        return RopeBertModel.from_bert(str(p))
-    model, info = RopeBertModel.from_pretrained(str(p), output_loading_info=True)
-    missing = sorted(info.get("missing_keys") or [])
-    if missing:  # never hand back randomly initialised weights (e.g. a checkpoint under an unknown prefix)
-        unexpected = sorted(info.get("unexpected_keys") or [])
-        raise ValueError(f"{src}: {len(missing)} model weights missing from the checkpoint (e.g. {missing[:4]}); "
-                         f"unexpected keys there: {unexpected[:4]} — weights must use BERT names, optionally under "
-                         "'e5rope.'")
-    return model
 
 
 def _sentence_transformers_files(out: Path, config: RopeBertConfig, max_seq_length: int, prompts: dict) -> None:
@@ -114,41 +89,42 @@ def export_model(
     max_seq_length: Optional[int] = None,
     prompts: Optional[dict] = None,
     overwrite: bool = False,
+    source: Optional[str | os.PathLike] = None,
 ) -> Path:
-    """Write `model` (+ tokenizer) as a self-contained HF + sentence-transformers directory; returns its path."""
+    """Write `model` (+ tokenizer) as a self-contained HF + sentence-transformers directory; returns its path.
+
+    The directory is written aside (a temporary sibling) and swapped in only when complete. An existing
+    non-empty `out_dir` is replaced only with overwrite=True and only when it is a previous export (its
+    ropebert-export.json lists every entry in it); `out_dir` equal to or inside `source` is refused."""
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"export: output directory {out} is not empty (pass --overwrite to replace it)")
-        shutil.rmtree(out)
     if tokenizer is None:
         try:
-            tokenizer = model.tokenizer
+            tokenizer = model.tokenizer  # read now: the source may be the directory being replaced
         except ValueError as e:
-            raise ValueError(f"export: no tokenizer for the model ({e}); pass --tokenizer DIR") from None
+            raise InputError(f"export: no tokenizer for the model ({e}); pass --tokenizer DIR") from None
     src_dir = Path(__file__).resolve().parent
     for name in MODEL_FILES:
         check_exported_source(src_dir / name)
-    out.mkdir(parents=True, exist_ok=True)
-
     config = model.config
     config.validate_ropebert()
-    config.architectures = ["RopeBertModel"]
-    config.auto_map = {
-        "AutoConfig": "configuration_ropebert.RopeBertConfig",
-        "AutoModel": "modeling_ropebert.RopeBertModel",
-    }
-    model.save_pretrained(str(out), safe_serialization=True)
-    if not (out / "model.safetensors").is_file() and not (out / "model.safetensors.index.json").is_file():
-        raise RuntimeError(f"export: save_pretrained wrote no safetensors file into {out}")
-    for stale in ("pytorch_model.bin",):
-        if (out / stale).exists():
-            raise RuntimeError(f"export: unexpected pickle {stale} in {out}")
-    for name in MODEL_FILES:
-        shutil.copyfile(src_dir / name, out / name)
-    tokenizer.save_pretrained(str(out))
-    msl = int(max_seq_length or config.max_position_embeddings)
-    _sentence_transformers_files(out, config, msl, prompts or dict(DEFAULT_PROMPTS))
+    with OutputDir(out, marker=MARKER, overwrite=overwrite, source=source, what="export",
+                   marker_info={"format": 1, "source": None if source is None else str(source)}) as tmp:
+        config.architectures = ["RopeBertModel"]
+        config.auto_map = {
+            "AutoConfig": "configuration_ropebert.RopeBertConfig",
+            "AutoModel": "modeling_ropebert.RopeBertModel",
+        }
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if not (tmp / "model.safetensors").is_file() and not (tmp / "model.safetensors.index.json").is_file():
+            raise RuntimeError(f"export: save_pretrained wrote no safetensors file into {tmp}")
+        for stale in ("pytorch_model.bin",):
+            if (tmp / stale).exists():
+                raise RuntimeError(f"export: unexpected pickle {stale} in {tmp}")
+        for name in MODEL_FILES:
+            shutil.copyfile(src_dir / name, tmp / name)
+        tokenizer.save_pretrained(str(tmp))
+        msl = int(max_seq_length or config.max_position_embeddings)
+        _sentence_transformers_files(tmp, config, msl, prompts or dict(DEFAULT_PROMPTS))
     logger.info("export: wrote %s", out)
     return out
 
@@ -164,17 +140,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the source's own)")
     ap.add_argument("--rope-theta", type=float, default=None, help="override rope_theta in the exported config")
     ap.add_argument("--max-seq-length", type=int, default=None, help="sentence-transformers max_seq_length")
-    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace OUT when it is a previous `ropebert export` (nothing else in it)")
+    ap.add_argument("--verify", action="store_true",
+                    help="reload OUT with plain transformers + sentence-transformers in a fresh process (ropebert "
+                         "blocked) and compare embeddings with ropebert's (max |diff| <= 1e-5)")
     args = ap.parse_args(argv)
     model = load_source(args.src)
     tok = None
     if args.tokenizer:
-        from transformers import AutoTokenizer
-
         tok = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=False)
     if args.rope_theta is not None:
         model.config.rope_theta = args.rope_theta
-    out = export_model(model, args.out, tokenizer=tok, max_seq_length=args.max_seq_length, overwrite=args.overwrite)
+    out = export_model(model, args.out, tokenizer=tok, max_seq_length=args.max_seq_length, overwrite=args.overwrite,
+                       source=args.src)
     n = sum(p.numel() for p in model.parameters())
     print(f"exported {type(model).__name__} ({n / 1e6:.1f}M parameters, rope_theta={model.config.rope_theta}) to {out}")
+    if args.verify:
+        rep = verify_export(out)
+        print("verified: fresh-process reload without ropebert, max |diff| "
+              + ", ".join(f"{k} {v:.2e}" for k, v in rep["max_abs_diff"].items()) + f" (<= {rep['tol']:g})")
     return 0

@@ -20,7 +20,6 @@ Shapes: B batch, L padded length, T packed tokens (sum of lengths), H heads, D h
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -690,11 +689,6 @@ def _backend_for_attn_implementation(impl: str) -> str:
     return _HF_ATTN_IMPLEMENTATION_TO_BACKEND[impl]
 
 
-# BERT checkpoint keys that have no counterpart in RoPE BERT (absolute positions, pooler, pre-training heads)
-_BERT_DROPPED_PREFIXES = ("embeddings.position_embeddings.", "pooler.", "cls.")
-_BERT_DROPPED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
-
-
 class RopeBertPreTrainedModel(PreTrainedModel):
     config_class = RopeBertConfig
     base_model_prefix = "e5rope"  # released E5-RoPE checkpoints may store weights under `e5rope.`
@@ -1044,84 +1038,3 @@ class RopeBertModel(RopeBertPreTrainedModel):
         finally:
             self.train(was_training)
         return out
-
-    # -- conversion from BERT -------------------------------------------------------------------------------
-
-    @classmethod
-    def from_bert(cls, path_or_model, rope_theta: float = 10000.0, **config_overrides) -> "RopeBertModel":
-        """Build a RoPE BERT from an HF BERT checkpoint (directory or BertModel): copies every weight except the
-        absolute position table and the pooler (and pre-training heads), keeping BERT weight names."""
-        if isinstance(path_or_model, PreTrainedModel):
-            bert_cfg = path_or_model.config.to_dict()
-            state = path_or_model.state_dict()
-            src = type(path_or_model).__name__
-            src_dir = getattr(path_or_model, "name_or_path", None)
-        elif isinstance(path_or_model, (str, os.PathLike)):
-            src_dir = src = os.fspath(path_or_model)
-            cfg_path = os.path.join(src, "config.json")
-            if not os.path.isfile(cfg_path):
-                raise FileNotFoundError(f"from_bert: no config.json in {src!r}")
-            with open(cfg_path, encoding="utf-8") as f:
-                bert_cfg = json.load(f)
-            state = None  # loaded after the config is known to be a BERT's
-        else:
-            raise TypeError(f"from_bert expects a path or a transformers BertModel, got {type(path_or_model).__name__}")
-
-        model_type = bert_cfg.get("model_type")
-        if model_type != "bert":
-            raise ValueError(f"from_bert: {src} is not a BERT checkpoint (config model_type={model_type!r}, expected 'bert')")
-        pet = bert_cfg.get("position_embedding_type", "absolute")
-        if pet != "absolute":
-            raise ValueError(f"from_bert: {src} uses position_embedding_type={pet!r}; only absolute-position BERTs convert")
-        keys = (
-            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
-            "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
-            "initializer_range", "layer_norm_eps", "pad_token_id",
-        )
-        cfg_kwargs = {k: bert_cfg[k] for k in keys if k in bert_cfg}
-        cfg_kwargs.update(config_overrides)
-        config = RopeBertConfig(rope_theta=rope_theta, **cfg_kwargs)
-        if state is None:
-            state = _load_state_dict_from_dir(src)
-
-        converted, dropped = {}, []
-        for k, v in state.items():
-            name = k[len("bert."):] if k.startswith("bert.") else k
-            if name in _BERT_DROPPED_KEYS or name.startswith(_BERT_DROPPED_PREFIXES):
-                dropped.append(k)
-                continue
-            converted[name] = v
-        model = cls(config)
-        missing, unexpected = model.load_state_dict(converted, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"from_bert: {src} does not match the BERT layout: missing={sorted(missing)[:8]} "
-                f"unexpected={sorted(unexpected)[:8]}"
-            )
-        if not any(k.endswith("position_embeddings.weight") for k in dropped):
-            raise ValueError(f"from_bert: {src} has no absolute position table; is it really an APE BERT?")
-        logger.info("from_bert: dropped %d BERT tensors (position table, pooler, heads): %s", len(dropped), dropped)
-        if src_dir and os.path.isdir(str(src_dir)):
-            model.name_or_path = str(src_dir)
-        return model
-
-
-def _load_state_dict_from_dir(path: str) -> dict[str, torch.Tensor]:
-    """Load model weights from an HF directory: model.safetensors (sharded or not) or pytorch_model.bin."""
-    from safetensors.torch import load_file
-
-    single = os.path.join(path, "model.safetensors")
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(single):
-        return load_file(single)
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        state = {}
-        for fn in files:
-            state.update(load_file(os.path.join(path, fn)))
-        return state
-    binf = os.path.join(path, "pytorch_model.bin")
-    if os.path.isfile(binf):
-        return torch.load(binf, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"no model.safetensors, model.safetensors.index.json or pytorch_model.bin in {path!r}")

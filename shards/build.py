@@ -11,8 +11,20 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from .format import (MANIFEST, ShardWriter, load_manifest, manifest_hash, parse_size, verify_shards,
-                     write_manifest)
+from ropebert.cli import dispatch
+from ropebert.errors import InputError
+
+from .format import (
+    MANIFEST,
+    ShardWriter,
+    iter_shard,
+    load_manifest,
+    manifest_hash,
+    parse_size,
+    shard_path,
+    verify_shards,
+    write_manifest,
+)
 from .sources import Bad, SourceOptions, open_source
 
 MAX_SKIP_EXAMPLES = 20
@@ -54,7 +66,7 @@ def build_shards(fmt: str, inputs: list[str], out_dir: str, opts: Optional[Sourc
     """Build shards + manifest from a source; returns the manifest. Raises ValueError naming file:line on bad
     input when on_error == "fail"; with "skip" bad inputs are counted (manifest["skipped"])."""
     if on_error not in ("fail", "skip"):
-        raise ValueError(f"--on-error must be fail or skip, got {on_error!r}")
+        raise InputError(f"--on-error must be fail or skip, got {on_error!r}")
     opts = opts or SourceOptions()
     desc, items = open_source(fmt, inputs, opts)
     out = Path(out_dir)
@@ -73,13 +85,13 @@ def build_shards(fmt: str, inputs: list[str], out_dir: str, opts: Optional[Sourc
         for item in items:
             if isinstance(item, Bad):
                 if on_error == "fail":
-                    raise ValueError(item.message() + " (pass --on-error skip to count and skip bad inputs)")
+                    raise InputError(item.message() + " (pass --on-error skip to count and skip bad inputs)")
                 skips.add(item.message(), item.reason)
                 continue
             if item.key in seen:
                 bad = Bad(item.where, "duplicate key", f"{item.key!r} first seen at {seen[item.key]}")
                 if on_error == "fail":
-                    raise ValueError(bad.message() + " (pass --on-error skip to count and skip bad inputs)")
+                    raise InputError(bad.message() + " (pass --on-error skip to count and skip bad inputs)")
                 skips.add(bad.message(), bad.reason)
                 continue
             seen[item.key] = item.where
@@ -97,7 +109,7 @@ def build_shards(fmt: str, inputs: list[str], out_dir: str, opts: Optional[Sourc
         if bar is not None:
             bar.close()
     if not shards:
-        raise ValueError(f"no samples were written from {fmt} input {inputs} ({skips.count} skipped)")
+        raise InputError(f"no samples were written from {fmt} input {inputs} ({skips.count} skipped)")
     desc = dict(desc, on_error=on_error, limit=limit, maxcount=maxcount, maxsize=maxsize)
     return write_manifest(out, kind=kind, shards=shards, source=desc, skipped=skips.as_dict())
 
@@ -117,7 +129,7 @@ def summarize(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def _build_main(argv: list[str]) -> int:
+def build_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="ropebert shards build",
                                  description="Build webdataset tar shards + manifest.json from a source.")
     ap.add_argument("--input", nargs="*", default=[], metavar="PATH",
@@ -163,7 +175,7 @@ def _build_main(argv: list[str]) -> int:
     return 0
 
 
-def _inspect_main(argv: list[str]) -> int:
+def inspect_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="ropebert shards inspect", description="Summarise a shard manifest.")
     ap.add_argument("dir")
     ap.add_argument("--samples", type=int, default=0, help="also print the first N samples")
@@ -171,7 +183,6 @@ def _inspect_main(argv: list[str]) -> int:
     m = load_manifest(args.dir)
     print(summarize(m))
     if args.samples:
-        from .format import iter_shard, shard_path
 
         shown = 0
         for entry in m["shards"]:
@@ -183,7 +194,7 @@ def _inspect_main(argv: list[str]) -> int:
     return 0
 
 
-def _verify_main(argv: list[str]) -> int:
+def verify_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="ropebert shards verify",
                                  description="Re-read every shard against manifest.json (size, sha256, samples).")
     ap.add_argument("dir")
@@ -200,15 +211,12 @@ def _verify_main(argv: list[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"build": _build_main, "inspect": _inspect_main, "verify": _verify_main}
+SUBCOMMANDS = {
+    "build": (f"{__name__}:build_main", "sources -> webdataset tar shards + manifest.json"),
+    "inspect": (f"{__name__}:inspect_main", "summarise a manifest"),
+    "verify": (f"{__name__}:verify_main", "re-read every shard against the manifest"),
+}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
-        print("usage: ropebert shards {build,inspect,verify} ...\n"
-              "  build    sources -> webdataset tar shards + manifest.json\n"
-              "  inspect  summarise a manifest\n"
-              "  verify   re-read every shard against the manifest", file=sys.stderr if argv else sys.stdout)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return SUBCOMMANDS[argv[0]](argv[1:])
+    return dispatch("ropebert shards", SUBCOMMANDS, list(argv or []), what="subcommand")

@@ -16,12 +16,14 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ropebert.errors import InputError
 
 from .format import load_manifest, manifest_hash, read_shard, shard_path
 from .plan import EpochPlan, consumed_by_worker, logical_worker, make_plan, slot_segments, within_shard_order
@@ -38,7 +40,7 @@ def load_fast_tokenizer(path: str):
 
     tok = AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=False)  # tokenizer files only: never prompt for model code
     if not getattr(tok, "is_fast", False):
-        raise ValueError(f"tokenizer {path!r} has no fast (Rust) implementation; ShardDataModule needs one")
+        raise InputError(f"tokenizer {path!r} has no fast (Rust) implementation; ShardDataModule needs one")
     return tok
 
 
@@ -97,7 +99,7 @@ class BatchCollator:
             for key, s, where in samples:
                 n = s.get("negatives")
                 if not isinstance(n, list) or len(n) < K:
-                    raise ValueError(f"{where}:{key}: sample has {len(n) if isinstance(n, list) else 0} negatives, "
+                    raise InputError(f"{where}:{key}: sample has {len(n) if isinstance(n, list) else 0} negatives, "
                                      f"num_negatives={K}")
                 negs += n[:K]
             batch["negatives"] = self._encode(negs, self.passage_prefix, self.max_passage_length)  # (B*K, Ln)
@@ -138,7 +140,7 @@ class ShardStream(IterableDataset):
             path = shard_path(self.shard_dir, {"url": self.urls[idx]})
             samples = read_shard(path)  # whole shard, sequential read
             if len(samples) != self.sizes[idx]:
-                raise ValueError(f"{path}: holds {len(samples)} samples, manifest says {self.sizes[idx]} "
+                raise InputError(f"{path}: holds {len(samples)} samples, manifest says {self.sizes[idx]} "
                                  f"(run `ropebert shards verify {self.shard_dir}`)")
             order = within_shard_order(plan, idx)
             for j in order[a:b]:
@@ -196,9 +198,9 @@ class ShardDataModule(L.LightningDataModule):
     def __init__(
         self,
         train_dir: str,
-        tokenizer: str,
-        batch_size: int,
-        kind: str = "pairs",
+        tokenizer: Optional[str] = None,
+        batch_size: int = 32,
+        kind: Optional[Literal["pairs", "hard_negatives"]] = None,
         num_negatives: int = 7,
         max_query_length: int = 64,
         max_passage_length: int = 512,
@@ -215,10 +217,12 @@ class ShardDataModule(L.LightningDataModule):
         """
         Args:
             train_dir: directory with manifest.json and the tar shards (`ropebert shards build` / `ropebert mine`).
-            tokenizer: directory of a Hugging Face tokenizer with a fast implementation (e.g. the model's).
+            tokenizer: directory of a Hugging Face tokenizer with a fast implementation. None (the default under
+                `ropebert fit`): the tokenizer of model.init_from, which every ropebert checkpoint carries.
             batch_size: samples per batch on each rank.
             kind: "pairs" (query, positive; in-batch negatives) or "hard_negatives" (stage 2: + K mined negatives,
-                needs hard_negatives shards).
+                needs hard_negatives shards). None (default): the manifest's kind, so a config states the stage
+                once (model.stage) and the data says what it is.
             num_negatives: K, negatives per query for kind="hard_negatives".
             max_query_length: truncation length of queries in tokens (prefix and special tokens included).
             max_passage_length: truncation length of positives and negatives in tokens.
@@ -238,17 +242,17 @@ class ShardDataModule(L.LightningDataModule):
                 (the plan of epoch 0 with this seed), the same number per rank; no cursor, no sample log.
         """
         super().__init__()
-        if kind not in ("pairs", "hard_negatives"):
-            raise ValueError(f"kind must be 'pairs' or 'hard_negatives', got {kind!r}")
+        if kind not in (None, "pairs", "hard_negatives"):
+            raise InputError(f"kind must be 'pairs' or 'hard_negatives' (or null: the manifest's), got {kind!r}")
         for name, v in (("batch_size", batch_size), ("max_query_length", max_query_length),
                         ("max_passage_length", max_passage_length)):
             if v < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
-        if kind == "hard_negatives" and num_negatives < 1:
-            raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+                raise InputError(f"{name} must be >= 1, got {v}")
+        if num_negatives < 1:
+            raise InputError(f"num_negatives must be >= 1, got {num_negatives}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.train_dir, self.tokenizer = str(train_dir), str(tokenizer)
+            raise InputError(f"num_workers must be >= 0, got {num_workers}")
+        self.train_dir, self.tokenizer = str(train_dir), (None if tokenizer is None else str(tokenizer))
         self.batch_size, self.kind, self.num_negatives = batch_size, kind, num_negatives
         self.max_query_length, self.max_passage_length = max_query_length, max_passage_length
         self.num_workers, self.seed = num_workers, seed
@@ -285,8 +289,13 @@ class ShardDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         self.world_size, self.rank = self._dist()
         self.manifest = load_manifest(self.train_dir)
+        if self.kind is None:
+            self.kind = self.manifest["kind"]
+        if self.tokenizer is None:
+            raise InputError("data.tokenizer is not set (under `ropebert fit` it defaults to the tokenizer of "
+                             "model.init_from; outside it, pass a tokenizer directory)")
         if self.kind == "hard_negatives" and self.manifest["kind"] != "hard_negatives":
-            raise ValueError(f"{self.train_dir}: kind='hard_negatives' (stage 2) needs hard-negative shards, but "
+            raise InputError(f"{self.train_dir}: kind='hard_negatives' (stage 2) needs hard-negative shards, but "
                              f"the manifest kind is {self.manifest['kind']!r}; mine them with `ropebert mine`")
         collate = BatchCollator(self.tokenizer, self.kind, self.num_negatives, self.max_query_length,
                                 self.max_passage_length, self.query_prefix, self.passage_prefix)
@@ -298,7 +307,7 @@ class ShardDataModule(L.LightningDataModule):
         if self.val_dir:
             vm = load_manifest(self.val_dir)
             if self.kind == "hard_negatives" and vm["kind"] != "hard_negatives":
-                raise ValueError(f"{self.val_dir}: val_dir must hold hard-negative shards for kind='hard_negatives'")
+                raise InputError(f"{self.val_dir}: val_dir must hold hard-negative shards for kind='hard_negatives'")
             self._val_stream = ShardStream(self.val_dir, vm, collate, seed=self.seed, world_size=self.world_size,
                                            rank=self.rank, workers=self.workers, batch_size=self.batch_size)
             self._val_stream.plan(0)
@@ -363,12 +372,12 @@ class ShardDataModule(L.LightningDataModule):
             epoch, done = int(state["cursor"]["epoch"]), int(state["cursor"]["batches_done"])
             saved = dict(state["fingerprint"])
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"ShardDataModule: malformed saved state {state!r}") from None
+            raise InputError(f"ShardDataModule: malformed saved state {state!r}") from None
         now = self.fingerprint()
         diff = [f"{k}: checkpoint {saved.get(k)!r} != now {now[k]!r}" for k in now if saved.get(k) != now[k]]
         if diff:
             if not self.allow_replan:
-                raise ValueError(
+                raise InputError(
                     "ShardDataModule: cannot resume exactly — the data plan changed since the checkpoint ("
                     + "; ".join(diff) + "). Resume with the same settings, or set allow_replan=True "
                     "(--data.allow_replan true) to continue the epoch at the same fraction under the new plan.")

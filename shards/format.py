@@ -29,6 +29,8 @@ import tarfile
 from pathlib import Path
 from typing import Iterator, Optional
 
+from ropebert.errors import InputError
+
 MANIFEST = "manifest.json"
 FORMAT_NAME = "ropebert-shards"
 FORMAT_VERSION = 1
@@ -54,7 +56,7 @@ SCHEMAS = {
 def check_key(key: str) -> str:
     """Raise ValueError unless `key` is a valid sample key (non-empty, no dots, no slashes, no spaces)."""
     if not isinstance(key, str) or not key or not KEY_RE.match(key):
-        raise ValueError(f"invalid sample key {key!r}: keys must be non-empty and use only [A-Za-z0-9_-:@+=,] (no dots)")
+        raise InputError(f"invalid sample key {key!r}: keys must be non-empty and use only [A-Za-z0-9_-:@+=,] (no dots)")
     return key
 
 
@@ -80,7 +82,7 @@ def parse_size(text: str | int | None) -> Optional[int]:
         return text
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(text))
     if not m:
-        raise ValueError(f"cannot parse size {text!r} (examples: 500000, 64MB, 1GiB)")
+        raise InputError(f"cannot parse size {text!r} (examples: 500000, 64MB, 1GiB)")
     num, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
     base = 1024 if binary else 1000
     return int(num * base ** " KMGT".index(unit or " "))
@@ -97,9 +99,9 @@ class ShardWriter:
     def __init__(self, out_dir: str | os.PathLike, maxcount: int = 10000, maxsize: Optional[int] = None,
                  start_index: int = 0):
         if maxcount < 1:
-            raise ValueError(f"maxcount must be >= 1, got {maxcount}")
+            raise InputError(f"maxcount must be >= 1, got {maxcount}")
         if maxsize is not None and maxsize < 1:
-            raise ValueError(f"maxsize must be >= 1 byte, got {maxsize}")
+            raise InputError(f"maxsize must be >= 1 byte, got {maxsize}")
         self.out = Path(out_dir)
         self.maxcount, self.maxsize = maxcount, maxsize
         self.index = start_index
@@ -159,7 +161,7 @@ class ShardWriter:
 def write_manifest(out_dir: str | os.PathLike, *, kind: str, shards: list[dict], source: dict,
                    skipped: Optional[dict] = None, extra: Optional[dict] = None) -> dict:
     if kind not in KINDS:
-        raise ValueError(f"unknown shard kind {kind!r} (known: {KINDS})")
+        raise InputError(f"unknown shard kind {kind!r} (known: {KINDS})")
     manifest = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -191,18 +193,18 @@ def load_manifest(shard_dir: str | os.PathLike) -> dict:
     try:
         m = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise InputError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path}: not a ropebert shard manifest (format={m.get('format') if isinstance(m, dict) else None!r})")
+        raise InputError(f"{path}: not a ropebert shard manifest (format={m.get('format') if isinstance(m, dict) else None!r})")
     if m.get("kind") not in KINDS:
-        raise ValueError(f"{path}: unknown kind {m.get('kind')!r} (known: {KINDS})")
+        raise InputError(f"{path}: unknown kind {m.get('kind')!r} (known: {KINDS})")
     shards = m.get("shards")
     if not isinstance(shards, list) or not shards:
-        raise ValueError(f"{path}: manifest lists no shards")
+        raise InputError(f"{path}: manifest lists no shards")
     for i, s in enumerate(shards):
         for f, t in (("url", str), ("samples", int), ("bytes", int), ("sha256", str)):
             if not isinstance(s.get(f), t):
-                raise ValueError(f"{path}: shards[{i}] lacks a valid {f!r}")
+                raise InputError(f"{path}: shards[{i}] lacks a valid {f!r}")
     return m
 
 
@@ -226,14 +228,14 @@ def iter_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
                     continue
                 key, _, ext = info.name.partition(".")
                 if ext != "json":
-                    raise ValueError(f"{path}: unexpected member {info.name!r} (expected <key>.json)")
+                    raise InputError(f"{path}: unexpected member {info.name!r} (expected <key>.json)")
                 data = tar.extractfile(info).read()
                 try:
                     yield key, json.loads(data.decode("utf-8"))
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise ValueError(f"{path}:{key}: corrupt sample ({e})") from None
+                    raise InputError(f"{path}:{key}: corrupt sample ({e})") from None
     except tarfile.TarError as e:
-        raise ValueError(f"{path}: unreadable tar shard ({e})") from None
+        raise InputError(f"{path}: unreadable tar shard ({e})") from None
 
 
 def read_shard(path: str | os.PathLike) -> list[tuple[str, dict]]:

@@ -22,6 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ropebert.errors import InputError
+
 
 @dataclass(frozen=True)
 class EpochPlan:
@@ -55,7 +57,7 @@ class EpochPlan:
 def check_layout(world_size: int, workers: int, batch_size: int) -> None:
     for name, v in (("world_size", world_size), ("workers", workers), ("batch_size", batch_size)):
         if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+            raise InputError(f"{name} must be a positive int, got {v!r}")
 
 
 def make_plan(shard_sizes: Sequence[int], *, seed: int, epoch: int, world_size: int, workers: int,
@@ -66,7 +68,7 @@ def make_plan(shard_sizes: Sequence[int], *, seed: int, epoch: int, world_size: 
     slots = world_size * workers
     q = total // (slots * batch_size)
     if q == 0:
-        raise ValueError(
+        raise InputError(
             f"{total} samples are too few for {world_size} rank(s) x {workers} worker(s) x batch {batch_size} "
             f"(one batch per slot needs {slots * batch_size}); use fewer workers or a smaller batch")
     order = np.random.default_rng([seed, epoch, 0x5A4D]).permutation(len(sizes))
@@ -82,7 +84,7 @@ def slot_segments(plan: EpochPlan, slot: int, start_batch: int = 0) -> list[tupl
     """[(shard_index, lo, hi)]: slot `slot`'s samples from its batch `start_batch` on, as ranges of positions in
     each shard's shuffled order, in reading order."""
     if not 0 <= slot < plan.slots:
-        raise ValueError(f"slot {slot} out of range (slots={plan.slots})")
+        raise InputError(f"slot {slot} out of range (slots={plan.slots})")
     per_slot = plan.batches_per_slot * plan.batch_size
     lo = slot * per_slot + min(start_batch, plan.batches_per_slot) * plan.batch_size
     hi = (slot + 1) * per_slot

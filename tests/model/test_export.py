@@ -4,82 +4,28 @@ process that cannot import ropebert, and gives the in-memory model's embeddings.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from ropebert.model import RopeBertModel
-from ropebert.model.export import check_exported_source, export_model, load_source
+from ropebert.model import RopeBertModel, from_bert
+from ropebert.model.export import check_exported_source, export_model
+from ropebert.model.load import load_source
+from ropebert.model.verify import run_fresh_reload
 
 SHORT = "query: how do rotary position embeddings extend the context of a text encoder?"
 
-# Runs in a fresh interpreter; any attempt to import ropebert (or an optional GPU package) fails loudly.
-FRESH = textwrap.dedent(
-    """
-    import importlib.abc, json, sys
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "ropebert":
-                raise ImportError("blocked in this test: " + name)
-    sys.meta_path.insert(0, Block())
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-    from sentence_transformers import SentenceTransformer
-    d, texts_file, out_file = sys.argv[1:4]
-    texts = json.load(open(texts_file))
-    tok = AutoTokenizer.from_pretrained(d, trust_remote_code=True)
-    model = AutoModel.from_pretrained(d, trust_remote_code=True).eval()
-    res = {"hf": [], "st": [], "n_tokens": []}
-    for t in texts:
-        b = tok([t], return_tensors="pt", truncation=False)
-        res["n_tokens"].append(int(b["input_ids"].shape[1]))
-        with torch.no_grad():
-            h = model(**b).last_hidden_state
-        m = b["attention_mask"][..., None].float()
-        e = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
-        res["hf"].append(e[0].tolist())
-    st = SentenceTransformer(d, trust_remote_code=True, device="cpu")
-    st.max_seq_length = 4096
-    res["st"] = st.encode(texts, convert_to_numpy=True, batch_size=1).tolist()
-    res["ropebert_imported"] = any(k.split(".")[0] == "ropebert" for k in sys.modules)
-    res["gpu_pkg_imported"] = any(k.split(".")[0] in ("flash_attn", "xformers") for k in sys.modules)
-    res["theta"] = model.config.rope_theta
-    # from_pretrained(..., attn_implementation=...) picks the backend
-    res["attn"] = {}
-    for impl in ("eager", "sdpa"):
-        m = AutoModel.from_pretrained(d, trust_remote_code=True, attn_implementation=impl).eval()
-        b = tok([texts[0]], return_tensors="pt")
-        with torch.no_grad():
-            h = m(**b).last_hidden_state
-        emb = torch.nn.functional.normalize(h.mean(1), dim=-1)[0].tolist()
-        res["attn"][impl] = {"backend": m.config.attn_backend, "emb": emb}
-    res["default_backend"] = model.config.attn_backend
-    json.dump(res, open(out_file, "w"))
-    """
-)
-
-
-def run_fresh(export_dir: Path, texts: list[str], tmp_path: Path) -> dict:
-    script = tmp_path / "fresh.py"
-    script.write_text(FRESH)
-    tf, of = tmp_path / "texts.json", tmp_path / "out.json"
-    tf.write_text(json.dumps(texts))
-    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    r = subprocess.run(
-        [sys.executable, "-I", str(script), str(export_dir), str(tf), str(of)],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-4000:]
-    return json.loads(of.read_text())
+def run_fresh(export_dir: Path, texts: list[str]) -> dict:
+    """The shared fresh-process probe (ropebert.model.reload_check, ropebert blocked): AutoModel and
+    SentenceTransformer embeddings, and the attn_implementation mapping."""
+    return run_fresh_reload(export_dir, {"texts": texts, "sentence_transformers": True,
+                                         "attn_implementations": ["eager", "sdpa"]})
 
 
 @pytest.fixture(scope="module")
 def exported(minilm_dir, tmp_path_factory):
-    model = RopeBertModel.from_bert(str(minilm_dir)).eval()
+    model = from_bert(str(minilm_dir)).eval()
     out = tmp_path_factory.mktemp("export") / "minilm-rope"
     export_model(model, out)
     return model, out
@@ -143,7 +89,7 @@ def test_fresh_process_matches_in_memory_model(exported, tmp_path):
         for i in range(120)
     )
     texts = [SHORT, long_text]
-    res = run_fresh(out, texts, tmp_path)
+    res = run_fresh(out, texts)
     assert res["ropebert_imported"] is False and res["gpu_pkg_imported"] is False
     assert res["n_tokens"][0] < 40 and 1800 <= res["n_tokens"][1] <= 2600, res["n_tokens"]
     ref = model.encode(texts, max_length=4096)
@@ -180,9 +126,8 @@ def test_load_source_refuses_weights_under_an_unknown_prefix(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from ropebert.model import RopeBertModel
-    from ropebert.model.export import load_source
-
-    from ..conftest import tiny_config
+    from ropebert.model.load import load_source
+    from tests.conftest import tiny_config
 
     RopeBertModel(tiny_config()).save_pretrained(str(tmp_path))
     load_source(str(tmp_path))  # BERT names: loads

@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -21,8 +18,8 @@ from ropebert.model.modeling_ropebert import (
     rope_torch,
     self_extend_eager,
 )
-
-from ..conftest import padded_batch, tiny_config
+from ropebert.model.verify import run_fresh_reload
+from tests.conftest import padded_batch, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -322,45 +319,6 @@ def test_pcw_uses_510_token_chunks_for_a_512_model(minilm_dir):
 
 # ---- acceptance: an exported directory applies edited long-context keys under plain transformers ------------
 
-FRESH = textwrap.dedent(
-    """
-    import importlib.abc, json, sys, warnings
-    warnings.filterwarnings("ignore")
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "ropebert":
-                raise ImportError("blocked in this test: " + name)
-    sys.meta_path.insert(0, Block())
-    import torch
-    from transformers import AutoModel
-    d, ids_file, out_file = sys.argv[1:4]
-    ids = torch.tensor(json.load(open(ids_file)))
-    model = AutoModel.from_pretrained(d, trust_remote_code=True).eval()
-    with torch.no_grad():
-        h = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
-    # bad long-context edits of the same directory fail at load time with a clear config error
-    import os, shutil, tempfile
-    errors = []
-    for edit in json.loads(sys.argv[4]):
-        bad = tempfile.mkdtemp()
-        for f in os.listdir(d):
-            if f.endswith((".json", ".py", ".safetensors")):
-                shutil.copy(os.path.join(d, f), bad)
-        cfg = json.load(open(os.path.join(bad, "config.json")))
-        cfg.update(edit)
-        json.dump(cfg, open(os.path.join(bad, "config.json"), "w"))
-        try:
-            AutoModel.from_pretrained(bad, trust_remote_code=True)
-            errors.append(None)
-        except ValueError as e:
-            errors.append(str(e))
-    json.dump({"hidden": h[0].tolist(), "theta": model.config.rope_theta, "self_extend": model.config.self_extend,
-               "bad_config_errors": errors,
-               "ropebert_imported": any(k.split(".")[0] == "ropebert" for k in sys.modules)}, open(out_file, "w"))
-    """
-)
-
-
 @pytest.fixture(scope="module")
 def exported_tiny(minilm_dir, tmp_path_factory):
     from transformers import AutoTokenizer
@@ -392,18 +350,8 @@ def test_exported_dir_applies_edited_long_context_keys(exported_tiny, edit, tmp_
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1000, 20000, (1, 2048), generator=g)
     ids[0, 0], ids[0, -1] = 101, 102  # [CLS] ... [SEP]
-    (tmp_path / "ids.json").write_text(json.dumps(ids.tolist()))
-    script = tmp_path / "fresh.py"
-    script.write_text(FRESH)
     bad_edits = BAD_EDITS if "rope_theta" in edit else []  # load-time config errors: checked once
-    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    r = subprocess.run(
-        [sys.executable, "-I", str(script), str(d), str(tmp_path / "ids.json"), str(tmp_path / "out.json"),
-         json.dumps([e for e, _ in bad_edits])],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-4000:]
-    res = json.loads((tmp_path / "out.json").read_text())
+    res = run_fresh_reload(d, {"input_ids": ids.tolist(), "bad_config_edits": [e for e, _ in bad_edits]})
     assert res["ropebert_imported"] is False
     assert res["theta"] == cfg["rope_theta"] and res["self_extend"] == cfg["self_extend"]
     assert len(res["bad_config_errors"]) == len(bad_edits)

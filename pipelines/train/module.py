@@ -1,0 +1,402 @@
+# Copyright ropebert contributors. Apache-2.0.
+"""The training LightningModule: contrastive stage 1 (in-batch negatives) and stage 2 (hard negatives).
+
+Manual optimisation, because one optimizer step is several forwards/backwards (GradCache chunks):
+
+    per batch:  seed dropout from (seed, epoch, batch, rank)          -> resume-invariant masks
+                contrastive_step (GradCache or plain)                   -> local parameter grads
+                allreduce_gradients (one flat all-reduce)               -> averaged grads on every rank
+                clip, non-finite check, AdamW step, LR schedule step
+
+Parallelism (pipelines/strategy.py) and torch.compile are applied outside the model. Batches come from
+ropebert.shards.datamodule.ShardDataModule.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+import lightning as L
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ropebert.errors import InputError
+from ropebert.model import RopeBertModel
+from ropebert.model.load import load_source
+from ropebert.model.load.checkpoint import CHECKPOINT_KEY, checkpoint_payload, tokenizer_files
+from ropebert.shards.datamodule import ShardDataModule
+
+from .gradcache import allreduce_gradients, contrastive_step
+from .loss import contrastive_loss, dist_info
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("pretrain", "finetune")
+
+
+def load_init_model(init_from: str, rope_theta: Optional[float] = None) -> RopeBertModel:
+    """The model a run starts from: an APE BERT directory (converted: position table dropped), a RoPE BERT /
+    E5-RoPE / exported ropebert directory, or a previous stage's `.ckpt`. Anything else is a clear error."""
+    p = Path(init_from)
+    if not p.exists():
+        raise FileNotFoundError(f"model.init_from: {init_from!r} does not exist")
+    if p.is_dir():
+        cfg_path = p / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"model.init_from: no config.json in {init_from!r}")
+        mt = json.loads(cfg_path.read_text(encoding="utf-8")).get("model_type")
+        if mt not in ("bert", "ropebert"):
+            raise InputError(f"model.init_from: {init_from!r} is a {mt!r} model; ropebert trains BERT-architecture "
+                             "encoders (an APE BERT to convert, or a RoPE BERT / E5-RoPE checkpoint)")
+    model = load_source(str(p)).train()  # loaders may hand back eval-mode models; training needs dropout on
+    if rope_theta is not None:
+        model.config.rope_theta = float(rope_theta)
+        model.config.validate_ropebert()
+    return model
+
+
+def _step_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
+    h = hashlib.blake2b(f"{seed}:{epoch}:{batch}:{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+class RopeBertContrastive(L.LightningModule):
+    def __init__(
+        self,
+        init_from: str,
+        stage: Literal["pretrain", "finetune"] = "pretrain",
+        temperature: float = 0.01,
+        learn_temperature: bool = False,
+        min_temperature: float = 0.005,
+        symmetric: bool = False,
+        gather: bool = True,
+        alpha: float = 0.2,
+        distill: bool = True,
+        teacher_temperature: float = 1.0,
+        lr: float = 2e-4,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        warmup_steps: int = 1000,
+        min_lr_ratio: float = 0.0,
+        grad_clip: Optional[float] = 1.0,
+        gradcache_chunk: Optional[int] = 64,
+        attn_backend: Literal["auto", "eager", "sdpa", "sdpa_packed", "varlen", "flash_attn", "xformers"] = "auto",
+        rope_theta: Optional[float] = None,
+        original_max_position_embeddings: Optional[int] = None,
+        hidden_dropout: Optional[float] = None,
+        attention_dropout: Optional[float] = None,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+        max_nonfinite: int = 5,
+        seed: int = 0,
+        step_log: Optional[str] = None,
+    ):
+        """
+        Args:
+            init_from: the starting model: an APE BERT directory (converted by dropping its position table), a
+                RoPE BERT / E5-RoPE / exported ropebert directory, or a previous stage's `.ckpt`.
+            stage: "pretrain" (stage 1: pairs, in-batch negatives) or "finetune" (stage 2: 1 positive + K hard
+                negatives per query; needs hard-negative shards).
+            temperature: InfoNCE temperature tau (E5: 0.01). The initial value when learn_temperature.
+            learn_temperature: learn tau (as log(1/tau), no weight decay), clamped to >= min_temperature.
+            min_temperature: lower clamp of a learnable tau.
+            symmetric: add the passage->query InfoNCE direction and average both.
+            gather: score local queries against the passages/negatives of ALL ranks (gathered with gradient).
+            alpha: stage 2 with teacher scores: loss = alpha * InfoNCE + KL(teacher || student).
+            distill: use the shards' teacher scores in stage 2 when present (False: InfoNCE only).
+            teacher_temperature: teacher scores are divided by it before the softmax (1.0: they are logits).
+            lr: peak learning rate (AdamW).
+            weight_decay: AdamW decoupled weight decay; never on biases, LayerNorm weights or the temperature.
+            betas: AdamW betas.
+            adam_eps: AdamW epsilon.
+            warmup_steps: linear warm-up from 0 to lr over this many optimizer steps, then linear decay to
+                min_lr_ratio * lr at the trainer's last step (max_steps, or max_epochs x batches per epoch).
+            min_lr_ratio: final LR as a fraction of lr.
+            grad_clip: clip the global gradient norm (after the all-reduce) to this; None disables.
+            gradcache_chunk: rows per GradCache chunk (embedding memory is bounded by this, not by the batch);
+                None embeds the whole batch with its graph (no cache).
+            attn_backend: attention backend name (eager, sdpa, sdpa_packed, varlen, flash_attn, xformers, auto).
+            rope_theta: override the model's rope_theta (e.g. when continuing at a longer length).
+            original_max_position_embeddings: the context length this model is trained at, recorded in its config:
+                the long-context methods (NTK / SelfExtend / PI / GP / RP presets, attention scaling) extend from it.
+                None keeps the checkpoint's (default: max_position_embeddings). Set it when training at a shorter
+                length than the position range (e.g. a 512-position model trained on 128-token texts).
+            hidden_dropout: override hidden_dropout_prob (None: keep the checkpoint's).
+            attention_dropout: override attention_probs_dropout_prob (None: keep the checkpoint's).
+            activation_checkpointing: recompute each layer in backward (non-reentrant, RNG preserved).
+            compile: torch.compile every encoder layer (dynamic shapes).
+            max_nonfinite: stop the run after this many consecutive non-finite losses/gradients (each one is
+                skipped: no optimizer step, counted in `train/nonfinite_skipped`).
+            seed: dropout seed; every step reseeds from (seed, epoch, batch index, rank), so a resumed run
+                draws the same masks as an uninterrupted one.
+            step_log: directory; each global rank appends one JSON line per batch to step-rank-<r>.jsonl with
+                epoch, batch, global step, loss (exact float) and whether it was skipped.
+        """
+        super().__init__()
+        if stage not in STAGES:
+            raise InputError(f"model.stage must be one of {STAGES}, got {stage!r}")
+        if temperature <= 0 or min_temperature <= 0:
+            raise InputError(f"temperatures must be > 0, got temperature={temperature} min_temperature={min_temperature}")
+        if gradcache_chunk is not None and gradcache_chunk < 1:
+            raise InputError(f"model.gradcache_chunk must be >= 1 or null, got {gradcache_chunk}")
+        if warmup_steps < 0 or lr <= 0:
+            raise InputError(f"need warmup_steps >= 0 and lr > 0, got {warmup_steps}, {lr}")
+        if activation_checkpointing and compile:
+            raise InputError("model.activation_checkpointing and model.compile cannot be combined (torch.utils.checkpoint "
+                             "recomputes a compiled layer with different saved tensors); pick one")
+        if max_nonfinite < 1:
+            raise InputError(f"model.max_nonfinite must be >= 1, got {max_nonfinite}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.model = load_init_model(init_from, rope_theta)
+        cfg = self.model.config
+        if original_max_position_embeddings is not None:
+            if original_max_position_embeddings < 2:
+                raise InputError(f"model.original_max_position_embeddings must be >= 2, got {original_max_position_embeddings}")
+            cfg.original_max_position_embeddings = int(original_max_position_embeddings)
+            cfg.validate_ropebert()
+        if hidden_dropout is not None:
+            cfg.hidden_dropout_prob = float(hidden_dropout)
+            for m in self.model.modules():  # every nn.Dropout is a hidden dropout (attention dropout is functional)
+                if isinstance(m, nn.Dropout):
+                    m.p = float(hidden_dropout)
+        if attention_dropout is not None:
+            cfg.attention_probs_dropout_prob = float(attention_dropout)
+        self.model.set_attn_backend(attn_backend)
+        try:
+            tok = self.model.tokenizer
+        except ValueError:
+            tok = None
+            logger.warning("init model %s has no tokenizer files; checkpoints will need --tokenizer to export", init_from)
+        self._tokenizer_files = tokenizer_files(tok)  # serialised once, stored in every checkpoint
+        if learn_temperature:
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        else:
+            self.register_parameter("logit_scale", None)
+        self.nonfinite_in_row = 0
+        self.nonfinite_total = 0
+        self.samples_seen = 0
+        self.tokens_seen = 0
+        self._step_log_file = None
+        self._t_last: Optional[float] = None
+
+    def tokenizer_dir(self) -> Path:
+        """A directory holding the init model's tokenizer files (written once per process); the default of
+        data.tokenizer under `ropebert fit`."""
+        if not self._tokenizer_files:
+            raise InputError(f"data.tokenizer is not set and model.init_from {self.hparams.init_from!r} has no "
+                             "tokenizer files; pass --data.tokenizer DIR")
+        if getattr(self, "_tokenizer_tmp", None) is None:
+            d = Path(tempfile.mkdtemp(prefix="ropebert-tokenizer-"))
+            atexit.register(shutil.rmtree, d, True)
+            for name, data in self._tokenizer_files.items():
+                (d / name).write_bytes(data)
+            self._tokenizer_tmp = d
+        return self._tokenizer_tmp
+
+    # -- set-up ---------------------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.hparams.activation_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            for layer in self.model.encoder.layer:
+                layer.compile(dynamic=True)
+            self._compiled = True
+
+    def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        strategy = trainer.strategy
+        if trainer.world_size > 1 and type(strategy).__name__ not in ("ExplicitSyncDDPStrategy",):
+            raise InputError(
+                f"trainer.strategy={type(strategy).__name__}: ropebert synchronises gradients itself once per step "
+                "(GradCache runs several backwards per step); use `--trainer.strategy ropebert_ddp`")
+        if isinstance(getattr(strategy, "model", None), DistributedDataParallel):
+            raise InputError("ropebert's training step must not run inside torch DDP; use `--trainer.strategy ropebert_ddp`")
+        prec = str(trainer.precision)
+        if prec.startswith("16"):
+            raise InputError(f"trainer.precision={prec}: fp16 loss scaling is not supported with GradCache; use "
+                             "bf16-mixed (GPU) or 32-true")
+        dm = trainer.datamodule
+        if isinstance(dm, ShardDataModule):
+            want = "pairs" if self.hparams.stage == "pretrain" else "hard_negatives"
+            if dm.kind != want:
+                raise InputError(
+                    f"model.stage={self.hparams.stage!r} trains on data.kind={want!r} batches, but data.kind={dm.kind!r}"
+                    + ("; stage 2 needs hard-negative shards (`ropebert mine`) and data.kind: hard_negatives"
+                       if self.hparams.stage == "finetune" else ""))
+
+    # -- optimisation ---------------------------------------------------------------------------------------
+
+    def temperature(self) -> torch.Tensor | float:
+        if self.logit_scale is None:
+            return float(self.hparams.temperature)
+        max_scale = math.log(1.0 / self.hparams.min_temperature)
+        return 1.0 / self.logit_scale.clamp(max=max_scale).exp()
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if p.dim() < 2 or "LayerNorm" in name or "layer_norm" in name or name.endswith(".bias") or name == "logit_scale":
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        hp = self.hparams
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr, betas=tuple(hp.betas), eps=hp.adam_eps)
+        total = int(self.trainer.estimated_stepping_batches)
+        if total <= 0 or total == float("inf"):
+            raise InputError("set trainer.max_steps or trainer.max_epochs: the LR schedule needs a length")
+        warm, floor = int(hp.warmup_steps), float(hp.min_lr_ratio)
+
+        def factor(step: int) -> float:
+            if warm and step < warm:
+                return (step + 1) / warm
+            rest = max(1, total - warm)
+            return max(floor, floor + (1.0 - floor) * (1.0 - (step - warm) / rest))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- the step -------------------------------------------------------------------------------------------
+
+    def _embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(ids, mask)  # (N, D) fp32, L2-normalised
+
+    def _loss_fn(self, batch: dict):
+        hp = self.hparams
+        teacher = batch.get("teacher_scores") if (hp.stage == "finetune" and hp.distill) else None
+
+        def fn(embs: dict[str, torch.Tensor]):
+            q, p = embs["query"], embs["passage"]
+            n = None
+            if "negatives" in embs:
+                k = embs["negatives"].shape[0] // q.shape[0]
+                n = embs["negatives"].view(q.shape[0], k, -1)  # (B, K, D)
+            return contrastive_loss(
+                q, p, n, temperature=self.temperature(), teacher_scores=teacher, alpha=hp.alpha,
+                teacher_temperature=hp.teacher_temperature, symmetric=hp.symmetric, gather=hp.gather,
+                return_stats=True)
+
+        return fn
+
+    def training_step(self, batch: dict, batch_idx: int):
+        hp = self.hparams
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        world, rank = dist_info()
+        torch.manual_seed(_step_seed(hp.seed, self.current_epoch, batch_idx, rank))
+        groups = {"query": batch["query"], "passage": batch["passage"]}
+        if hp.stage == "finetune":
+            if "negatives" not in batch:
+                raise InputError("stage 2 (model.stage=finetune) got a batch without negatives")
+            groups["negatives"] = batch["negatives"]
+        t0 = time.perf_counter()
+        res = contrastive_step(self._embed, groups, self._loss_fn(batch), chunk_size=hp.gradcache_chunk,
+                               backward=self.manual_backward)
+        params = [p for p in self.parameters() if p.requires_grad]
+        finite = res.finite
+        grad_norm = torch.tensor(float("nan"))
+        if finite:
+            allreduce_gradients(params)
+            if hp.grad_clip is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, float(hp.grad_clip))
+            else:
+                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params if p.grad is not None]))
+            finite = bool(torch.isfinite(grad_norm))  # identical on every rank after the all-reduce
+        B = batch["query"]["input_ids"].shape[0]
+        if finite:
+            opt.step()
+            sched.step()
+            self.nonfinite_in_row = 0
+        else:
+            self.nonfinite_in_row += 1
+            self.nonfinite_total += 1
+            logger.warning("non-finite %s at epoch %d batch %d (keys %s...): step skipped (%d in a row, %d in total)",
+                           "loss" if not res.finite else "gradient", self.current_epoch, batch_idx,
+                           list(batch.get("keys", []))[:3], self.nonfinite_in_row, self.nonfinite_total)
+        opt.zero_grad(set_to_none=True)
+        self.samples_seen += B * world
+        self.tokens_seen += res.tokens * world
+        if res.loss.device.type == "cuda":
+            torch.cuda.synchronize(res.loss.device)  # time the step's own kernels, not the launch queue
+        dt = time.perf_counter() - t0
+        self._write_step_log(batch_idx, res.loss, skipped=not finite)
+        stats = res.stats
+        log = {
+            "train/loss": res.loss.float(),
+            "train/lr": torch.tensor(sched.get_last_lr()[0]),
+            "train/temperature": torch.tensor(float(self.temperature())),
+            "train/grad_norm": grad_norm.float().cpu(),
+            "train/tokens_per_s": torch.tensor(res.tokens * world / max(dt, 1e-9)),
+            "train/samples_seen": torch.tensor(float(self.samples_seen)),
+            "train/nonfinite_skipped": torch.tensor(float(self.nonfinite_total)),
+        }
+        for k in ("pos_sim", "neg_sim", "hardest_neg_sim", "hard_neg_sim", "accuracy", "infonce", "kl"):
+            if k in stats:
+                log[f"train/{k}"] = stats[k].float()
+        self.log_dict(log, on_step=True, on_epoch=False, prog_bar=False, batch_size=B, sync_dist=False)
+        self.log("loss", res.loss.float(), prog_bar=True, on_step=True, batch_size=B, logger=False)
+        if self.nonfinite_in_row >= hp.max_nonfinite:
+            raise RuntimeError(
+                f"stopping: {self.nonfinite_in_row} consecutive non-finite losses/gradients (last at epoch "
+                f"{self.current_epoch}, batch {batch_idx}); lower the LR, check the data, or use bf16 instead of fp16")
+        return res.loss
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict, batch_idx: int):
+        groups = {"query": batch["query"], "passage": batch["passage"]}
+        if "negatives" in batch:
+            groups["negatives"] = batch["negatives"]
+        embs = {k: self._embed(v["input_ids"], v["attention_mask"]) for k, v in groups.items()}
+        loss, stats = self._loss_fn(batch)(embs)
+        B = batch["query"]["input_ids"].shape[0]
+        self.log("val/loss", loss, batch_size=B, sync_dist=True)
+        self.log("val/accuracy", stats["accuracy"], batch_size=B, sync_dist=True)
+
+    # -- logs and checkpoints -------------------------------------------------------------------------------
+
+    def _write_step_log(self, batch_idx: int, loss: torch.Tensor, skipped: bool) -> None:
+        if not self.hparams.step_log:
+            return
+        if self._step_log_file is None:
+            d = Path(self.hparams.step_log)
+            d.mkdir(parents=True, exist_ok=True)
+            self._step_log_file = open(d / f"step-rank-{self.global_rank}.jsonl", "a", encoding="utf-8")
+        rec = {"epoch": self.current_epoch, "batch": batch_idx, "global_step": int(self.global_step),
+               "loss": float(loss), "skipped": skipped}
+        self._step_log_file.write(json.dumps(rec) + "\n")
+        self._step_log_file.flush()
+
+    def on_train_end(self) -> None:
+        if self._step_log_file is not None:
+            self._step_log_file.close()
+            self._step_log_file = None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = checkpoint_payload(self.model, self._tokenizer_files, model_prefix="model.")
+        checkpoint["ropebert_train_state"] = {
+            "nonfinite_in_row": self.nonfinite_in_row, "nonfinite_total": self.nonfinite_total,
+            "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        st = checkpoint.get("ropebert_train_state") or {}
+        self.nonfinite_in_row = int(st.get("nonfinite_in_row", 0))
+        self.nonfinite_total = int(st.get("nonfinite_total", 0))
+        self.samples_seen = int(st.get("samples_seen", 0))
+        self.tokens_seen = int(st.get("tokens_seen", 0))

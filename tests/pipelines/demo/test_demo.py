@@ -1,0 +1,51 @@
+"""The demo driver: finished steps are skipped on a re-run (resume), a failing step stops it, and the summary is
+built from the eval JSON files (nothing re-computed, checks reported as measured)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ropebert.pipelines.demo.report import write_summary
+from ropebert.pipelines.demo.run import Demo
+
+
+def test_finished_steps_are_skipped_on_rerun(tmp_path):
+    calls = []
+    d = Demo(tmp_path, None, quick=True)
+    d.step("a", lambda: calls.append("a"))
+    with pytest.raises(RuntimeError):
+        d.step("b", lambda: (calls.append("b"), (_ for _ in ()).throw(RuntimeError("interrupted"))))
+    assert (tmp_path / ".demo" / "a.done").is_file() and not (tmp_path / ".demo" / "b.done").exists()
+    again = Demo(tmp_path, None, quick=True)
+    again.step("a", lambda: calls.append("a2"))
+    again.step("b", lambda: calls.append("b2"))
+    assert calls == ["a", "b", "b2"]  # a skipped, b redone
+
+
+def _retrieval(names_scores):
+    return {
+        "data_stats": {"num_queries_judged": 10, "num_corpus": 100},
+        "results": [{"name": n, "metrics": {"ndcg@10": s, "mrr@10": s, "recall@100": s}} for n, s in names_scores],
+    }
+
+
+def test_summary_from_eval_files(tmp_path):
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    models = [("st:/x/ape", 0.9), (str(tmp_path / "minilm-rope"), 0.5), (str(tmp_path / "models/stage1"), 0.8),
+              (str(tmp_path / "models/stage2"), 0.79)]
+    (ev / "docstrings.json").write_text(json.dumps(_retrieval(models)))
+    lengths = [256, 2048]
+    pk = {"settings": {"lengths": lengths, "num_queries": 10, "num_docs": 10},
+          "results": [{"method": m, "metrics": {"acc@1": {"256": 1.0, "2048": a}, "acc@1_avg": (1 + a) / 2}}
+                      for m, a in (("none", 0.3), ("ntk", 0.6), ("selfextend", 0.2))]}
+    (ev / "passkey.json").write_text(json.dumps(pk))
+    (ev / "reload.json").write_text(json.dumps({"max_abs_diff": 3e-7}))
+    text = write_summary(tmp_path)
+    assert (tmp_path / "demo_summary.md").read_text().strip() == text.strip()
+    assert "stage 2 < stage 1 on held-out docstrings (nDCG@10 0.7900 vs 0.8000): NO" in text
+    assert "ntk above no-extension at 2048 tokens (60.0 vs 30.0): yes" in text
+    assert "selfextend above no-extension at 2048 tokens (20.0 vs 30.0): NO" in text
+    assert "MS MARCO: ../shared/data absent" in text and "3.00e-07" in text
