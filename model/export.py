@@ -25,7 +25,7 @@ from ropebert.errors import InputError
 from ropebert.io import OutputDir
 
 from .configuration_ropebert import RopeBertConfig
-from .load import load_source
+from .load import from_bert, is_ape_bert, load_source, read_config
 from .modeling_ropebert import RopeBertModel
 from .verify import verify_export
 
@@ -139,6 +139,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the source's own)")
     ap.add_argument("--rope-theta", type=float, default=None, help="override rope_theta in the exported config")
+    ap.add_argument("--fold-positions", type=int, default=0, metavar="N",
+                    help="APE BERT sources: fold the mean of the first N position vectors into the token-type "
+                         "embeddings instead of only dropping the table (0: drop only, the published recipe)")
+    ap.add_argument("--query-prompt", default=None, help="sentence-transformers prompt of queries (default 'query: ')")
+    ap.add_argument("--passage-prompt", default=None, help="prompt of passages (default 'passage: ')")
     ap.add_argument("--max-seq-length", type=int, default=None, help="sentence-transformers max_seq_length")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace OUT when it is a previous `ropebert export` (nothing else in it)")
@@ -146,14 +151,24 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="reload OUT with plain transformers + sentence-transformers in a fresh process (ropebert "
                          "blocked) and compare embeddings with ropebert's (max |diff| <= 1e-5)")
     args = ap.parse_args(argv)
-    model = load_source(args.src)
+    if args.fold_positions:
+        if not (Path(args.src).is_dir() and is_ape_bert(read_config(args.src))):
+            raise InputError("--fold-positions applies to an APE BERT source directory only")
+        model = from_bert(args.src, fold_positions=args.fold_positions)
+    else:
+        model = load_source(args.src)
+    prompts = dict(DEFAULT_PROMPTS)
+    if args.query_prompt is not None:
+        prompts["query"] = args.query_prompt
+    if args.passage_prompt is not None:
+        prompts["passage"] = args.passage_prompt
     tok = None
     if args.tokenizer:
         tok = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=False)
     if args.rope_theta is not None:
         model.config.rope_theta = args.rope_theta
     out = export_model(model, args.out, tokenizer=tok, max_seq_length=args.max_seq_length, overwrite=args.overwrite,
-                       source=args.src)
+                       source=args.src, prompts=prompts)
     n = sum(p.numel() for p in model.parameters())
     print(f"exported {type(model).__name__} ({n / 1e6:.1f}M parameters, rope_theta={model.config.rope_theta}) to {out}")
     if args.verify:

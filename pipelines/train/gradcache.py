@@ -9,8 +9,14 @@
 3. Re-run each chunk WITH a graph from its recorded RNG state (same dropout masks as in 1) and backpropagate
    the cached gradient through it: sum(embedding * cached_grad).backward().
 
-The parameter gradients equal those of one big forward/backward over the same chunks (tests/pipelines/
+The parameter gradients equal those of one big forward/backward over the same chunks (tests/pipelines/train/
 test_gradcache.py). Hard negatives are a group like any other, so they are never dropped.
+
+Per-example loss terms (e.g. token-level alignment of hidden states to a teacher) are local to each chunk: the
+embed function may return `(embeddings, aux_loss)`, where aux_loss is that chunk's (already weighted and
+normalised) scalar contribution. It is ignored in the graph-less pass 1 and added to the surrogate in pass 3,
+so it is backpropagated inside each chunk's replay and nothing large (hidden states) is ever cached. Without
+GradCache it is added to the loss. StepResult.loss includes it; stats["aux"] holds its sum.
 
 Gradient synchronisation is explicit: `allreduce_gradients` issues ONE all-reduce per optimizer step over a
 flat buffer of every gradient, after all chunks are done. ropebert's DDP strategy (pipelines/strategy.py)
@@ -68,7 +74,12 @@ class StepResult:
     tokens: int = 0  # real (non-padding) tokens embedded, all groups
 
 
-EmbedFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids, mask) -> (N, D)
+EmbedFn = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
+# (ids, mask) -> (N, D) embeddings, or ((N, D), scalar aux loss of these rows)
+
+
+def _split(out) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    return (out[0], out[1]) if isinstance(out, tuple) else (out, None)
 LossFn = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict]]
 
 
@@ -103,8 +114,15 @@ def contrastive_step(
     """
     tokens = sum(int(b["attention_mask"].sum()) for b in groups.values())
     if chunk_size is None or all(b["input_ids"].shape[0] <= chunk_size for b in groups.values()):
-        embs = {name: embed(b["input_ids"], b["attention_mask"]) for name, b in groups.items()}
+        embs, aux = {}, None
+        for name, b in groups.items():
+            embs[name], a = _split(embed(b["input_ids"], b["attention_mask"]))
+            if a is not None:
+                aux = a if aux is None else aux + a
         loss, stats = loss_fn(embs)
+        if aux is not None:
+            stats = dict(stats, aux=aux.detach())
+            loss = loss + aux
         if not _agree_finite(loss.detach()):
             return StepResult(loss.detach(), stats, finite=False, tokens=tokens)
         backward(loss)
@@ -119,7 +137,7 @@ def contrastive_step(
             states[name], outs = [], []
             for c in parts:
                 states[name].append(RngState(c["input_ids"].device))
-                outs.append(embed(c["input_ids"], c["attention_mask"]))
+                outs.append(_split(embed(c["input_ids"], c["attention_mask"]))[0])
             reps[name] = torch.cat(outs, dim=0).detach().requires_grad_(True)
     after = RngState(next(iter(reps.values())).device)
 
@@ -130,18 +148,26 @@ def contrastive_step(
     backward(loss)
     cache = {name: r.grad.detach() for name, r in reps.items()}
 
-    # 3. replay each chunk with its graph and push the cached gradient through it
+    # 3. replay each chunk with its graph and push the cached gradient (+ the chunk's own aux loss) through it
+    aux_total = None
     for name, parts in chunks.items():
         start = 0
         for c, st in zip(parts, states[name]):
             n = c["input_ids"].shape[0]
             st.restore()
-            e = embed(c["input_ids"], c["attention_mask"])
+            e, aux = _split(embed(c["input_ids"], c["attention_mask"]))
             surrogate = (e.float() * cache[name][start : start + n]).sum()
+            if aux is not None:
+                surrogate = surrogate + aux
+                aux_total = aux.detach() if aux_total is None else aux_total + aux.detach()
             backward(surrogate)
             start += n
     after.restore()
-    return StepResult(loss.detach(), stats, finite=True, tokens=tokens)
+    total = loss.detach()
+    if aux_total is not None:
+        stats = dict(stats, aux=aux_total)
+        total = total + aux_total
+    return StepResult(total, stats, finite=True, tokens=tokens)
 
 
 def allreduce_gradients(params: Iterable[torch.nn.Parameter]) -> int:

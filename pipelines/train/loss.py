@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ["all_gather_with_grad", "contrastive_loss", "ContrastiveStats", "dist_info"]
+__all__ = ["all_gather_no_grad", "all_gather_with_grad", "contrastive_loss", "ContrastiveStats", "dist_info",
+           "hidden_alignment"]
 
 
 def dist_info() -> tuple[int, int]:
@@ -73,6 +74,46 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _AllGatherWithGrad.apply(x)
 
 
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 without gradient (teacher embeddings); identity without a process group."""
+    world, _ = dist_info()
+    if world == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+HIDDEN_KINDS = ("cos", "mse")
+
+
+def hidden_alignment(student: list[torch.Tensor], teacher: list[torch.Tensor], mask: torch.Tensor,
+                     layer_map: list[tuple[int, int]], kind: str = "cos") -> torch.Tensor:
+    """Token-level alignment of hidden states, per example: (N,) losses.
+
+    student / teacher: hidden_states lists ((N, L, C) each, index 0 = embeddings); the teacher's may be shorter
+    in L (truncated to its position range): only the first L' positions are compared. mask: (N, L) real tokens of
+    the student. For each (s, t) in layer_map and each real token: kind="cos": 1 - cos(h_s, h_t); kind="mse":
+    mean over channels of (h_s - h_t)^2 / mean over channels of h_t^2 (scale-free). Averaged over the example's
+    real tokens, then over the mapped layers. fp32 whatever the inputs' dtype."""
+    if kind not in HIDDEN_KINDS:
+        raise ValueError(f"hidden_alignment: kind must be one of {HIDDEN_KINDS}, got {kind!r}")
+    Lt = teacher[0].shape[1]
+    m = mask[:, :Lt].to(torch.float32)  # (N, L')
+    n_tok = m.sum(-1).clamp(min=1.0)  # (N,)
+    total = mask.new_zeros(mask.shape[0], dtype=torch.float32)
+    with torch.autocast(device_type=mask.device.type, enabled=False):
+        for s, t in layer_map:
+            hs = student[s][:, :Lt].float()  # (N, L', C)
+            ht = teacher[t].float()
+            if kind == "cos":
+                per_tok = 1.0 - F.cosine_similarity(hs, ht, dim=-1, eps=1e-6)  # (N, L')
+            else:
+                per_tok = (hs - ht).pow(2).mean(-1) / ht.pow(2).mean(-1).clamp(min=1e-6)
+            total = total + (per_tok * m).sum(-1) / n_tok
+    return total / max(1, len(layer_map))
+
+
 class ContrastiveStats(dict):
     """Detached diagnostics of one loss call: pos_sim, neg_sim (mean cosine), hardest_neg_sim, accuracy,
     infonce, kl (when distilling)."""
@@ -89,6 +130,12 @@ def contrastive_loss(
     teacher_temperature: float = 1.0,
     symmetric: bool = False,
     gather: bool = False,
+    teacher_query: Optional[torch.Tensor] = None,
+    teacher_passage: Optional[torch.Tensor] = None,
+    teacher_negative: Optional[torch.Tensor] = None,
+    teacher_embed_weight: float = 0.0,
+    teacher_score_weight: float = 0.0,
+    teacher_score_temperature: float = 0.05,
     return_stats: bool = False,
 ):
     """InfoNCE with in-batch (and hard) negatives, optional distillation; returns the scalar loss.
@@ -107,6 +154,14 @@ def contrastive_loss(
             average the two directions.
         gather: score each local query against the GLOBAL batch's passages and negatives (all ranks), gathered
             with gradient; labels are offset by rank. No-op without an initialised process group.
+        teacher_query / teacher_passage / teacher_negative: optional (B, D) / (B, D) / (B, K, D) L2-normalised
+            embeddings of the same texts by a frozen teacher (no gradient). With them two terms can be added:
+            teacher_embed_weight * mean over this rank's queries, passages (and negatives) of
+            (1 - cos(student, teacher)) -- dims must match; and
+            teacher_score_weight * KL(softmax(teacher scores / teacher_score_temperature) || softmax(student
+            logits)) over each local query's row of the GLOBAL score matrix: the teacher's passages and negatives
+            are gathered like the student's (without gradient), so both rows have the same W*B*(1+K) columns.
+        teacher_score_temperature: divides the teacher's cosine scores (a cosine teacher: e.g. 0.05).
         return_stats: also return a ContrastiveStats dict (detached).
 
     Each query's candidates are all (W*)B passages followed by all (W*)B*K negatives; its label is its own
@@ -128,6 +183,12 @@ def contrastive_loss(
             raise ValueError("contrastive_loss: teacher_scores need negative_emb (distillation is over 1+K candidates)")
         if tuple(teacher_scores.shape) != (B, 1 + K):
             raise ValueError(f"contrastive_loss: teacher_scores must be (B={B}, 1+K={1 + K}), got {tuple(teacher_scores.shape)}")
+    if (teacher_embed_weight or teacher_score_weight) and (teacher_query is None or teacher_passage is None
+                                                           or (K and teacher_negative is None)):
+        raise ValueError("contrastive_loss: teacher terms need teacher_query, teacher_passage (and teacher_negative "
+                         "with hard negatives)")
+    if teacher_query is not None and teacher_query.shape[-1] != D:
+        raise ValueError(f"contrastive_loss: teacher embeddings have dim {teacher_query.shape[-1]}, the student's {D}")
     if isinstance(temperature, (int, float)) and temperature <= 0:
         raise ValueError(f"contrastive_loss: temperature must be > 0, got {temperature}")
 
@@ -157,6 +218,24 @@ def contrastive_loss(
             s_logp = F.log_softmax(student, dim=-1)
             kl = F.kl_div(s_logp, t_logp, reduction="batchmean", log_target=True)  # KL(teacher || student)
             loss = alpha * infonce + kl
+        t_embed = t_kl = None
+        if teacher_embed_weight:
+            tq, tp = teacher_query.float(), teacher_passage.float()
+            cos = [(q * tq).sum(-1), (p * tp).sum(-1)]
+            if K:
+                cos.append((n.view(B, K, D) * teacher_negative.float()).sum(-1).reshape(-1))
+            t_embed = (1.0 - torch.cat(cos)).mean()
+            loss = loss + teacher_embed_weight * t_embed
+        if teacher_score_weight:
+            tq = teacher_query.float()
+            tp_all = all_gather_no_grad(teacher_passage.float()) if world > 1 else teacher_passage.float()
+            t_cands = tp_all
+            if K:
+                tn = teacher_negative.float().reshape(B * K, D)
+                t_cands = torch.cat([tp_all, all_gather_no_grad(tn) if world > 1 else tn], dim=0)
+            t_logp = F.log_softmax(tq @ t_cands.T / teacher_score_temperature, dim=-1)  # (B, W*B*(1+K))
+            t_kl = F.kl_div(F.log_softmax(logits, dim=-1), t_logp, reduction="batchmean", log_target=True)
+            loss = loss + teacher_score_weight * t_kl
     if not return_stats:
         return loss
     with torch.no_grad():  # at most one extra (B, N) buffer: cheap next to the loss at a 16k batch
@@ -182,4 +261,8 @@ def contrastive_loss(
             stats["hard_neg_sim"] = torch.einsum("bd,bkd->bk", q, n.view(B, K, D)).mean()
         if kl is not None:
             stats["kl"] = kl.detach()
+        if t_embed is not None:
+            stats["teacher_embed"] = t_embed.detach()
+        if t_kl is not None:
+            stats["teacher_kl"] = t_kl.detach()
     return loss, stats

@@ -36,12 +36,16 @@ from ropebert.model.load import load_source
 from ropebert.model.load.checkpoint import CHECKPOINT_KEY, checkpoint_payload, tokenizer_files
 from ropebert.shards.datamodule import ShardDataModule
 
-from .gradcache import allreduce_gradients, contrastive_step
-from .loss import contrastive_loss, dist_info
+from .gradcache import allreduce_gradients, contrastive_step, split_batch
+from .loss import contrastive_loss, dist_info, hidden_alignment
+from .teacher import Teacher, student_hidden
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("pretrain", "finetune")
+# default softmax temperature of teacher scores by what they are (manifest `score_kind`)
+SCORE_TEMPERATURE = {"cosine": 0.05, "logits": 1.0}
+LIVE_TEACHER_TEMPERATURE = 0.05  # a live teacher's scores are cosines
 
 
 def load_init_model(init_from: str, rope_theta: Optional[float] = None) -> RopeBertModel:
@@ -82,7 +86,12 @@ class RopeBertContrastive(L.LightningModule):
         gather: bool = True,
         alpha: float = 0.2,
         distill: bool = True,
-        teacher_temperature: float = 1.0,
+        teacher_temperature: Optional[float] = None,
+        teacher: Optional[str] = None,
+        teacher_hidden_weight: float = 0.0,
+        teacher_hidden_kind: Literal["cos", "mse"] = "cos",
+        teacher_embed_weight: float = 0.0,
+        teacher_score_weight: float = 0.0,
         lr: float = 2e-4,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -115,7 +124,21 @@ class RopeBertContrastive(L.LightningModule):
             gather: score local queries against the passages/negatives of ALL ranks (gathered with gradient).
             alpha: stage 2 with teacher scores: loss = alpha * InfoNCE + KL(teacher || student).
             distill: use the shards' teacher scores in stage 2 when present (False: InfoNCE only).
-            teacher_temperature: teacher scores are divided by it before the softmax (1.0: they are logits).
+            teacher_temperature: teacher scores are divided by it before the softmax. None: from what the scores
+                are -- the shards' manifest `score_kind` (cosine: 0.05, logits: 1.0) for stage-2 shard scores, and
+                0.05 for a live `teacher`'s cosine scores. An explicit value wins for both.
+            teacher: a frozen teacher directory (an APE BERT / sentence-transformers / exported ropebert model,
+                typically the APE parent this run was converted from) for the teacher_* loss terms. It is never
+                trained nor stored in checkpoints (they record its path and content hash; a resume with another
+                teacher is refused). It must share the student's tokenizer vocabulary and reads at most its own
+                position range. See pipelines/train/teacher.py.
+            teacher_hidden_weight: weight of the token-level alignment of hidden states (student layer l to
+                teacher layer l, or the uniform mapping when depths differ; real tokens only), averaged over every
+                text of the step. Computed and backpropagated inside each GradCache chunk. 0 = off.
+            teacher_hidden_kind: "cos" (1 - cosine per token) or "mse" (squared error / teacher's mean square).
+            teacher_embed_weight: weight of mean(1 - cos(student, teacher)) of the pooled embeddings. 0 = off.
+            teacher_score_weight: weight of KL(softmax(teacher scores / T) || softmax(student logits)) over each
+                local query's row of the global score matrix (in-batch and hard negatives). 0 = off.
             lr: peak learning rate (AdamW).
             weight_decay: AdamW decoupled weight decay; never on biases, LayerNorm weights or the temperature.
             betas: AdamW betas.
@@ -155,6 +178,14 @@ class RopeBertContrastive(L.LightningModule):
         if activation_checkpointing and compile:
             raise InputError("model.activation_checkpointing and model.compile cannot be combined (torch.utils.checkpoint "
                              "recomputes a compiled layer with different saved tensors); pick one")
+        for name in ("teacher_hidden_weight", "teacher_embed_weight", "teacher_score_weight"):
+            if locals()[name] < 0:
+                raise InputError(f"model.{name} must be >= 0, got {locals()[name]}")
+        if teacher_temperature is not None and teacher_temperature <= 0:
+            raise InputError(f"model.teacher_temperature must be > 0, got {teacher_temperature}")
+        uses_teacher = bool(teacher_hidden_weight or teacher_embed_weight or teacher_score_weight)
+        if uses_teacher and not teacher:
+            raise InputError("model.teacher_*_weight > 0 needs model.teacher (a teacher model directory)")
         if max_nonfinite < 1:
             raise InputError(f"model.max_nonfinite must be >= 1, got {max_nonfinite}")
         self.save_hyperparameters()
@@ -180,6 +211,18 @@ class RopeBertContrastive(L.LightningModule):
             tok = None
             logger.warning("init model %s has no tokenizer files; checkpoints will need --tokenizer to export", init_from)
         self._tokenizer_files = tokenizer_files(tok)  # serialised once, stored in every checkpoint
+        # the teacher is deliberately NOT a registered sub-module: not trained, not in checkpoints' weights
+        object.__setattr__(self, "_teacher", None)
+        if teacher:
+            t = Teacher(teacher, student_tokenizer=tok)
+            if (teacher_hidden_weight or teacher_embed_weight or teacher_score_weight) and \
+                    t.hidden_size != self.model.config.hidden_size:
+                raise InputError(f"model.teacher: {teacher} has hidden size {t.hidden_size}, the student "
+                                 f"{self.model.config.hidden_size}; the teacher terms compare them directly")
+            object.__setattr__(self, "_teacher", t)
+            self._layer_map = t.layer_map(self.model.config.num_hidden_layers)
+            logger.info("teacher %s (sha256 %s…, %d layers, max %s positions); layer map %s", teacher,
+                        t.sha256[:12], t.num_layers, t.max_positions, self._layer_map)
         if learn_temperature:
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
         else:
@@ -228,7 +271,18 @@ class RopeBertContrastive(L.LightningModule):
         if prec.startswith("16"):
             raise InputError(f"trainer.precision={prec}: fp16 loss scaling is not supported with GradCache; use "
                              "bf16-mixed (GPU) or 32-true")
+        self._teacher_bf16 = prec.startswith("bf16")
         dm = trainer.datamodule
+        self._shard_score_temperature = self.hparams.teacher_temperature
+        if isinstance(dm, ShardDataModule) and dm.manifest is not None and dm.kind == "hard_negatives" \
+                and self.hparams.stage == "finetune" and self.hparams.distill and self.hparams.teacher_temperature is None:
+            kind = dm.manifest.get("score_kind")
+            if kind not in SCORE_TEMPERATURE:
+                raise InputError(f"{dm.train_dir}: the manifest does not say what its teacher scores are (score_kind "
+                                 f"{kind!r}, expected one of {sorted(SCORE_TEMPERATURE)}); set "
+                                 "model.teacher_temperature explicitly (1.0 for re-ranker logits, ~0.05 for cosines), "
+                                 "or re-score the shards with `ropebert score`")
+            self._shard_score_temperature = SCORE_TEMPERATURE[kind]
         if isinstance(dm, ShardDataModule):
             want = "pairs" if self.hparams.stage == "pretrain" else "hard_negatives"
             if dm.kind != want:
@@ -277,19 +331,66 @@ class RopeBertContrastive(L.LightningModule):
     def _embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model.embed(ids, mask)  # (N, D) fp32, L2-normalised
 
-    def _loss_fn(self, batch: dict):
+    def _teacher_on(self, device: torch.device) -> Teacher:
+        """The teacher on the step's device (bf16 weights on CUDA under bf16-mixed), moved on first use."""
+        t = self._teacher
+        if t.device != device:
+            t.to(device)
+            if device.type == "cuda" and getattr(self, "_teacher_bf16", False):
+                t.to(torch.bfloat16)
+        return t
+
+    def _embed_fn(self, n_texts: int):
+        """The step's embed function. With teacher_hidden_weight, a pass with graph also returns the chunk's
+        hidden-state alignment loss (weighted, normalised by the step's n_texts) for GradCache to backpropagate
+        inside the chunk; the graph-less GradCache pass returns the embeddings only."""
+        hp = self.hparams
+        if not (self._teacher is not None and hp.teacher_hidden_weight):
+            return self._embed
+
+        def embed(ids: torch.Tensor, mask: torch.Tensor):
+            if not torch.is_grad_enabled():
+                return self._embed(ids, mask)
+            pooled, hs = student_hidden(self.model, ids, mask)
+            _, ths, _ = self._teacher_on(ids.device)(ids, mask, hidden=True)
+            per_example = hidden_alignment(hs, ths, mask, self._layer_map, hp.teacher_hidden_kind)  # (N,)
+            return pooled, hp.teacher_hidden_weight * per_example.sum() / n_texts
+
+        return embed
+
+    def _teacher_embeddings(self, groups: dict) -> dict[str, torch.Tensor]:
+        """Pooled teacher embeddings of every group, chunk by chunk, without a graph (embed / score terms)."""
+        hp = self.hparams
+        if self._teacher is None or not (hp.teacher_embed_weight or hp.teacher_score_weight):
+            return {}
+        out = {}
+        for name, b in groups.items():
+            parts = split_batch(b, hp.gradcache_chunk)
+            teacher = self._teacher_on(b["input_ids"].device)
+            out[name] = torch.cat([teacher.pooled(c["input_ids"], c["attention_mask"]) for c in parts]).float()
+        return out
+
+    def _loss_fn(self, batch: dict, teacher_embs: Optional[dict] = None):
         hp = self.hparams
         teacher = batch.get("teacher_scores") if (hp.stage == "finetune" and hp.distill) else None
+        t = teacher_embs or {}
+        shard_t = getattr(self, "_shard_score_temperature", None) or hp.teacher_temperature or 1.0
 
         def fn(embs: dict[str, torch.Tensor]):
             q, p = embs["query"], embs["passage"]
-            n = None
+            n = tn = None
             if "negatives" in embs:
                 k = embs["negatives"].shape[0] // q.shape[0]
                 n = embs["negatives"].view(q.shape[0], k, -1)  # (B, K, D)
+                if "negatives" in t:
+                    tn = t["negatives"].view(q.shape[0], k, -1)
             return contrastive_loss(
                 q, p, n, temperature=self.temperature(), teacher_scores=teacher, alpha=hp.alpha,
-                teacher_temperature=hp.teacher_temperature, symmetric=hp.symmetric, gather=hp.gather,
+                teacher_temperature=shard_t, symmetric=hp.symmetric, gather=hp.gather,
+                teacher_query=t.get("query"), teacher_passage=t.get("passage"), teacher_negative=tn,
+                teacher_embed_weight=hp.teacher_embed_weight if t else 0.0,
+                teacher_score_weight=hp.teacher_score_weight if t else 0.0,
+                teacher_score_temperature=hp.teacher_temperature or LIVE_TEACHER_TEMPERATURE,
                 return_stats=True)
 
         return fn
@@ -306,8 +407,10 @@ class RopeBertContrastive(L.LightningModule):
                 raise InputError("stage 2 (model.stage=finetune) got a batch without negatives")
             groups["negatives"] = batch["negatives"]
         t0 = time.perf_counter()
-        res = contrastive_step(self._embed, groups, self._loss_fn(batch), chunk_size=hp.gradcache_chunk,
-                               backward=self.manual_backward)
+        n_texts = sum(int(g["input_ids"].shape[0]) for g in groups.values())
+        teacher_embs = self._teacher_embeddings(groups)
+        res = contrastive_step(self._embed_fn(n_texts), groups, self._loss_fn(batch, teacher_embs),
+                               chunk_size=hp.gradcache_chunk, backward=self.manual_backward)
         params = [p for p in self.parameters() if p.requires_grad]
         finite = res.finite
         grad_norm = torch.tensor(float("nan"))
@@ -346,9 +449,12 @@ class RopeBertContrastive(L.LightningModule):
             "train/samples_seen": torch.tensor(float(self.samples_seen)),
             "train/nonfinite_skipped": torch.tensor(float(self.nonfinite_total)),
         }
-        for k in ("pos_sim", "neg_sim", "hardest_neg_sim", "hard_neg_sim", "accuracy", "infonce", "kl"):
+        for k in ("pos_sim", "neg_sim", "hardest_neg_sim", "hard_neg_sim", "accuracy", "infonce", "kl",
+                  "teacher_embed", "teacher_kl"):
             if k in stats:
                 log[f"train/{k}"] = stats[k].float()
+        if "aux" in stats and hp.teacher_hidden_weight:
+            log["train/teacher_hidden"] = (stats["aux"] / hp.teacher_hidden_weight).float()
         self.log_dict(log, on_step=True, on_epoch=False, prog_bar=False, batch_size=B, sync_dist=False)
         self.log("loss", res.loss.float(), prog_bar=True, on_step=True, batch_size=B, logger=False)
         if self.nonfinite_in_row >= hp.max_nonfinite:
@@ -389,12 +495,22 @@ class RopeBertContrastive(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CHECKPOINT_KEY] = checkpoint_payload(self.model, self._tokenizer_files, model_prefix="model.")
+        checkpoint["ropebert_teacher"] = None if self._teacher is None else {"path": self._teacher.path,
+                                                                            "sha256": self._teacher.sha256}
         checkpoint["ropebert_train_state"] = {
             "nonfinite_in_row": self.nonfinite_in_row, "nonfinite_total": self.nonfinite_total,
             "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("ropebert_teacher")
+        now = None if self._teacher is None else self._teacher.sha256
+        if saved is not None or now is not None:
+            if (saved or {}).get("sha256") != now:
+                raise InputError(
+                    "resume: the teacher changed since the checkpoint was written (checkpoint: "
+                    f"{(saved or {}).get('path')!r} sha256 {((saved or {}).get('sha256') or '-')[:12]}; now: "
+                    f"{self.hparams.teacher!r} sha256 {(now or '-')[:12]}); resume with the same teacher files")
         st = checkpoint.get("ropebert_train_state") or {}
         self.nonfinite_in_row = int(st.get("nonfinite_in_row", 0))
         self.nonfinite_total = int(st.get("nonfinite_total", 0))

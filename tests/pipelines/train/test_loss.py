@@ -151,6 +151,7 @@ SCENARIOS = [  # (K, distill, symmetric, gradcache_chunk)
 
 
 def _dist_worker(rank, world, port, out_dir):
+    torch.set_num_threads(1)  # forked: no OpenMP pool inherited from the parent (GNU OpenMP is not fork-safe)
     import torch.distributed as dist
 
     from ropebert.model import RopeBertModel
