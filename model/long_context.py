@@ -13,7 +13,7 @@ max_position_embeddings), s = L / L0 rounded up to a power of two; L <= L0 leave
     pi          rope_scaling = {"type": "pi", "factor": s}
     gp          position_mode = "gp", position_scale = s
     rp          position_mode = "rp", original_max_position_embeddings = L0
-    pcw         model.encode(..., pcw=True) (parallel context windows of L0 - 2 tokens)
+    pcw         model.encode(..., pcw=True) (parallel context windows: [CLS] prefix chunk [SEP] <= L0 tokens)
 """
 
 from __future__ import annotations

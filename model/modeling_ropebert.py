@@ -947,9 +947,11 @@ class RopeBertModel(RopeBertPreTrainedModel):
         L2-normalise. Returns (N, C) fp32 on CPU in input order.
 
         pcw: parallel context windows (no truncation): each text is tokenised without special tokens and cut
-            into chunks of original_length - 2 tokens (510 for a 512 model; the last chunk is the final 510
-            tokens, overlapping the previous one); every chunk is encoded as [CLS] prefix chunk [SEP] with the
-            text's prefix, the unnormalised chunk embeddings of a text are averaged, then L2-normalised.
+            into chunks that fit the trained length with everything included: original_length - 2 - (prefix
+            tokens) body tokens (506 for a 512 model and "passage: "; the last chunk is the final such tokens,
+            overlapping the previous one); every chunk is encoded as [CLS] prefix chunk [SEP] (at most
+            original_length tokens), the unnormalised chunk embeddings of a text are averaged, then
+            L2-normalised.
 
         max_length: truncation length in tokens (default config.max_position_embeddings); the number of
             truncated texts is logged once per call. Pass a larger value for long-context use.
@@ -983,15 +985,16 @@ class RopeBertModel(RopeBertPreTrainedModel):
         return self._encode_ids(ids_list, batch_size, max_tokens, normalize, device, show_progress_bar)
 
     def _pcw_chunks(self, texts: Sequence[str], tokenizer, prefix: str):
-        """PCW chunk id lists ([CLS] prefix chunk [SEP]) and, per chunk, the index of its text (LongTensor)."""
+        """PCW chunk id lists ([CLS] prefix chunk [SEP], each at most original_length tokens) and, per chunk, the
+        index of its text (LongTensor)."""
         tok = tokenizer if tokenizer is not None else self.tokenizer
-        chunk = self.config.original_length - 2
-        if chunk < 1:
-            raise ValueError(f"pcw needs original length >= 3, got {self.config.original_length}")
         cls_id, sep_id = tok.cls_token_id, tok.sep_token_id
         if cls_id is None or sep_id is None:
             raise ValueError("pcw needs a tokenizer with [CLS] and [SEP] tokens")
         pre = tok([prefix], add_special_tokens=False, verbose=False)["input_ids"][0] if prefix else []
+        chunk = self.config.original_length - 2 - len(pre)  # [CLS] + prefix + chunk + [SEP] <= original length
+        if chunk < 1:
+            raise ValueError(f"pcw needs original length > 2 + {len(pre)} prefix tokens, got {self.config.original_length}")
         bodies = tok(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
         ids_list, owner = [], []
         for i, body in enumerate(bodies):

@@ -271,14 +271,16 @@ def test_pcw_chunks_and_averages(minilm_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(minilm_dir))
-    m = _model(vocab_size=tok.vocab_size, max_position_embeddings=16)  # chunks of 14 tokens
+    m = _model(vocab_size=tok.vocab_size, max_position_embeddings=16)
     text = " ".join(f"word{i}" for i in range(20))
     body = tok(text, add_special_tokens=False)["input_ids"]
-    n = len(body)
-    assert n > 28 and n % 14 != 0
-    starts = list(range(0, n - 14, 14)) + [n - 14]
     pre = tok("passage: ", add_special_tokens=False)["input_ids"]
-    chunks = [[tok.cls_token_id] + pre + body[s : s + 14] + [tok.sep_token_id] for s in starts]
+    c = 16 - 2 - len(pre)  # body tokens per chunk: [CLS] prefix chunk [SEP] fills the 16 trained positions
+    n = len(body)
+    assert n > 2 * c and n % c != 0
+    starts = list(range(0, n - c, c)) + [n - c]
+    chunks = [[tok.cls_token_id] + pre + body[s : s + c] + [tok.sep_token_id] for s in starts]
+    assert {len(x) for x in chunks} == {16}
     with torch.no_grad():
         embs = [m.embed(torch.tensor([c]), normalize=False)[0] for c in chunks]
     want = torch.nn.functional.normalize(torch.stack(embs).mean(0), dim=-1)
@@ -289,9 +291,10 @@ def test_pcw_chunks_and_averages(minilm_dir):
     assert (got[1] - short[0]).abs().max() <= 1e-5  # one chunk == the plain encoding
 
 
-def test_pcw_uses_510_token_chunks_for_a_512_model(minilm_dir):
-    """PCW for a model trained at 512 tokens: 510-token chunks, the last chunk the final 510 tokens, each chunk
-    [CLS] passage: chunk [SEP], unnormalised chunk embeddings averaged, then L2-normalised."""
+def test_pcw_chunks_fit_the_trained_length_of_a_512_model(minilm_dir):
+    """PCW for a model trained at 512 tokens: each chunk, [CLS] passage: chunk [SEP], is at most 512 tokens
+    (512 - 2 - prefix body tokens), the last chunk the final such tokens, unnormalised chunk embeddings averaged,
+    then L2-normalised."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(minilm_dir))
@@ -300,14 +303,18 @@ def test_pcw_uses_510_token_chunks_for_a_512_model(minilm_dir):
     text = " ".join(f"token{i % 97} word{i}" for i in range(100)) + " same" * 700
     body = tok(text, add_special_tokens=False)["input_ids"]
     n = len(body)
-    assert 1020 < n and n % 510 != 0, n
     ids_list, owner = m._pcw_chunks([text], tok, "passage: ")
     pre = tok("passage: ", add_special_tokens=False)["input_ids"]
-    starts = list(range(0, n - 510, 510)) + [n - 510]
-    assert len(starts) == 3 and starts[-1] < 1020  # the last chunk overlaps the previous one
-    want_chunks = [[tok.cls_token_id] + pre + body[s0 : s0 + 510] + [tok.sep_token_id] for s0 in starts]
+    c = 512 - 2 - len(pre)
+    assert len(pre) >= 1 and 2 * c < n and n % c != 0, n
+    assert max(len(x) for x in ids_list) == 512  # everything included, a chunk fits the trained length
+    starts = list(range(0, n - c, c)) + [n - c]
+    assert len(starts) == 3 and starts[-1] < 2 * c  # the last chunk overlaps the previous one
+    want_chunks = [[tok.cls_token_id] + pre + body[s0 : s0 + c] + [tok.sep_token_id] for s0 in starts]
     assert ids_list == want_chunks and owner.tolist() == [0, 0, 0]
-    assert ids_list[-1][1 + len(pre) : -1] == body[-510:]
+    assert ids_list[-1][1 + len(pre) : -1] == body[-c:]
+    no_prefix, _ = m._pcw_chunks([text], tok, "")
+    assert {len(x) for x in no_prefix} == {512}
     with torch.no_grad():
         embs = torch.stack([m.embed(torch.tensor([c]), normalize=False)[0] for c in want_chunks])
     want = torch.nn.functional.normalize(embs.mean(0), dim=-1)
