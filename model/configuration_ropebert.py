@@ -13,6 +13,9 @@ from typing import Optional
 
 from transformers import PretrainedConfig
 
+# position_scale / rope_scaling.factor value: LongEmbed's per-input factor ceil(n / original length), per sequence
+AUTO = "auto"
+
 
 class RopeBertConfig(PretrainedConfig):
     """Configuration of a RoPE BERT encoder.
@@ -45,10 +48,12 @@ class RopeBertConfig(PretrainedConfig):
     4k tokens, SelfExtend (group_size, window) (3, 256) / (5, 128) / (9, 64)):
         rope_scaling: None, {"type": "dynamic_ntk", "factor": f} (theta recomputed per sequence from its length
             n when n > original length: theta * (f * n / orig - (f - 1)) ** (D / (D - 2))) or
-            {"type": "pi", "factor": s} (position interpolation: positions divided by s). f, s > 0.
+            {"type": "pi", "factor": s} (position interpolation: positions divided by s). f, s > 0; s may be
+            "auto": s = ceil(n / original length) for each sequence of n non-padding tokens, so sequences within
+            the original length keep their positions (LongEmbed's rule).
         position_mode: "default" (positions as given), "gp" (grouped: p // position_scale) or "rp" (recurrent:
             p mod original_max_position_embeddings).
-        position_scale: The group size s of position_mode="gp" (> 0).
+        position_scale: The group size s of position_mode="gp" (> 0), or "auto" (per sequence, as for PI).
         original_max_position_embeddings: The length the model was trained at (None: max_position_embeddings).
             Used by rp, dynamic NTK, SelfExtend (sequences not longer than it use plain attention) and PCW.
         self_extend: None or {"group_size": g, "window": w} with g >= 1 and 1 <= w < original length:
@@ -173,18 +178,23 @@ class RopeBertConfig(PretrainedConfig):
             if not isinstance(rs, dict) or set(rs) - {"type", "factor"} or "type" not in rs or "factor" not in rs:
                 raise ValueError(
                     'RopeBertConfig.rope_scaling must be null, {"type": "dynamic_ntk", "factor": f} or '
-                    f'{{"type": "pi", "factor": s}}, got {rs!r}'
+                    f'{{"type": "pi", "factor": s}} (s a number or "auto"), got {rs!r}'
                 )
             if rs["type"] not in ("dynamic_ntk", "pi"):
                 raise ValueError(
                     f"RopeBertConfig.rope_scaling: unknown type {rs['type']!r}; supported: 'dynamic_ntk', 'pi'"
                 )
-            if not is_num(rs["factor"]) or rs["factor"] <= 0:
-                raise ValueError(f"RopeBertConfig.rope_scaling.factor must be a finite number > 0, got {rs['factor']!r}")
+            auto_ok = rs["type"] == "pi" and rs["factor"] == AUTO
+            if not auto_ok and (not is_num(rs["factor"]) or rs["factor"] <= 0):
+                allowed = ' or "auto"' if rs["type"] == "pi" else ""
+                raise ValueError(
+                    f"RopeBertConfig.rope_scaling.factor must be a finite number > 0{allowed}, got {rs['factor']!r}"
+                )
         if self.position_mode not in ("default", "gp", "rp"):
             raise ValueError(f"RopeBertConfig.position_mode must be 'default', 'gp' or 'rp', got {self.position_mode!r}")
-        if not is_num(self.position_scale) or self.position_scale <= 0:
-            raise ValueError(f"RopeBertConfig.position_scale must be a finite number > 0, got {self.position_scale!r}")
+        ps = self.position_scale
+        if ps != AUTO and (not is_num(ps) or ps <= 0):
+            raise ValueError(f'RopeBertConfig.position_scale must be a finite number > 0 or "auto", got {ps!r}')
         se = self.self_extend
         if se is not None:
             if not isinstance(se, dict) or set(se) != {"group_size", "window"}:
