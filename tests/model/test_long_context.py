@@ -48,6 +48,9 @@ def _hidden(model, ids, mask, **kw):
         (dict(rope_scaling={"type": "dynamic_ntk", "factor": 0}), "factor"),
         (dict(position_mode="grouped"), "position_mode"),
         (dict(position_scale=0), "position_scale"),
+        (dict(position_scale="half"), "position_scale"),
+        (dict(rope_scaling={"type": "dynamic_ntk", "factor": "auto"}), "factor"),
+        (dict(rope_scaling={"type": "pi", "factor": "Auto"}), "factor"),
         (dict(attn_scale_base=1), "attn_scale_base"),
         (dict(original_max_position_embeddings=0), "original_max_position_embeddings"),
         (dict(rope_theta=-5.0), "rope_theta"),
@@ -100,6 +103,10 @@ def test_keys_round_trip_through_config_json(tmp_path):
     loaded = RopeBertConfig.from_pretrained(tmp_path)
     assert {k: getattr(loaded, k) for k in keys} == keys
     assert RopeBertConfig().attn_scale_base == 512 and RopeBertConfig().rope_scaling is None
+    auto = dict(rope_scaling={"type": "pi", "factor": "auto"}, position_mode="gp", position_scale="auto")
+    RopeBertConfig(**auto).save_pretrained(tmp_path)  # "auto" factors are valid and round-trip
+    loaded = RopeBertConfig.from_pretrained(tmp_path)
+    assert {k: getattr(loaded, k) for k in auto} == auto
 
 
 # ---- each method against an independent formulation ----------------------------------------------------------
