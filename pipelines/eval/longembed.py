@@ -354,7 +354,7 @@ def parse_lengths(spec: Optional[str]) -> list[int]:
 def _main(task_name: str, argv: Optional[list[str]]) -> int:
     ap = argparse.ArgumentParser(prog=f"ropebert eval {task_name}", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="exported ropebert dir, RoPE BERT dir, or APE BERT dir")
+    ap.add_argument("--model", required=True, help="exported ropebert dir, RoPE BERT dir, APE BERT dir, or a Hub id org/name (huggingface_hub cache)")
     ap.add_argument("--method", action="append", default=None, choices=METHODS,
                     help="context-extension method (repeatable; default none)")
     ap.add_argument("--lengths", default=None, help="comma-separated token lengths (default 256..32768)")
