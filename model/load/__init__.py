@@ -33,7 +33,7 @@ SOURCE_LOADERS: dict[str, Callable[[str], RopeBertModel]] = {".ckpt": load_train
 
 def is_ape_bert(config: dict) -> bool:
     """True for a config.json of an absolute-position BERT (what `from_bert` converts)."""
-    return config.get("model_type") == "bert" and "rope_theta" not in config
+    return config.get("model_type") == "bert" and "rope_theta" not in config and "rope_parameters" not in config
 
 
 def read_config(src: str | Path) -> dict:
