@@ -99,7 +99,9 @@ def test_keys_round_trip_through_config_json(tmp_path):
     )
     RopeBertConfig(**keys).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert {k: saved[k] for k in keys} == keys
+    rope = ("rope_theta", "rope_scaling")  # written in transformers 5's rope_parameters convention
+    assert {k: saved[k] for k in keys if k not in rope} == {k: v for k, v in keys.items() if k not in rope}
+    assert saved["rope_parameters"] == {"rope_type": "dynamic", "rope_theta": 50000.0, "factor": 4.0}
     loaded = RopeBertConfig.from_pretrained(tmp_path)
     assert {k: getattr(loaded, k) for k in keys} == keys
     assert RopeBertConfig().attn_scale_base == 512 and RopeBertConfig().rope_scaling is None
@@ -367,7 +369,8 @@ def test_exported_dir_applies_edited_long_context_keys(exported_tiny, edit, tmp_
     bad_edits = BAD_EDITS if "rope_theta" in edit else []  # load-time config errors: checked once
     res = run_fresh_reload(d, {"input_ids": ids.tolist(), "bad_config_edits": [e for e, _ in bad_edits]})
     assert res["ropebert_imported"] is False
-    assert res["theta"] == cfg["rope_theta"] and res["self_extend"] == cfg["self_extend"]
+    theta = cfg.get("rope_theta", cfg["rope_parameters"]["rope_theta"])  # an edited old key wins
+    assert res["theta"] == theta and res["self_extend"] == cfg["self_extend"]
     assert len(res["bad_config_errors"]) == len(bad_edits)
     for (bad, match), err in zip(bad_edits, res["bad_config_errors"]):
         assert err is not None and re.search(match, err), (bad, err)
