@@ -2,12 +2,14 @@
 """Fused rotate-half rotary embedding for q and k together (Triton), with a pure-torch reference.
 
     out[..., :D/2] = x1 * cos - x2 * sin          x1 = x[..., :D/2], x2 = x[..., D/2:]
-    out[..., D/2:] = x2 * cos + x1 * sin          angle = position * inv_freq[i]   (fp32)
+    out[..., D/2:] = x2 * cos + x1 * sin          angle = position * inv_freq[i]   (fp64)
 
-One program handles one token: it computes cos/sin for its position in fp32 from inv_freq (no cos/sin table,
-so 32k-token inputs cost nothing extra), then rotates all H heads of q and of k. Positions are per token and
-may be integer or fractional (offsets, GP / RP remaps, PI fractions). inv_freq is (D/2,) or per token
-(N, D/2) (dynamic NTK gives each sequence its own theta). Backward is the same rotation by -angle.
+One program handles one token: it forms the angles of its position in fp64 from an fp64 inv_freq, reduces them
+to (-2 pi, 2 pi) in fp64 and takes cos/sin of the reduced angle in fp32 (no cos/sin table, so 32k-token inputs
+cost nothing extra; fp32 angles would be off by ~1e-3 at 32k positions), then rotates all H heads of q and of k.
+Positions are per token and may be integer or fractional (fp64: offsets, GP / RP remaps, PI fractions). inv_freq
+is (D/2,) or per token (N, D/2) (dynamic NTK gives each sequence its own theta). Backward is the same rotation by
+-angle.
 
 Triton is imported lazily: importing this module never requires it. On CPU the kernel runs only under the
 Triton interpreter (TRITON_INTERPRET=1 set before triton is first imported).
@@ -38,12 +40,14 @@ def triton_available() -> bool:
 def rotary_reference(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k (..., H, D); positions (...); inv_freq (D/2,) or (..., D/2). Rotation in fp32, returns input dtypes."""
-    freqs = positions.to(torch.float32)[..., None] * inv_freq.to(torch.float32)  # (..., D/2)
-    cos, sin = freqs.cos()[..., None, :], freqs.sin()[..., None, :]  # (..., 1, D/2)
+    """q, k (..., H, D); positions (...); inv_freq (D/2,) or (..., D/2). Angles and cos/sin in fp64; the rotation
+    in fp32 (fp64 for fp64 inputs); returns input dtypes."""
+    freqs = positions.to(torch.float64)[..., None] * inv_freq.to(torch.float64)  # (..., D/2)
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cos, sin = freqs.cos().to(work)[..., None, :], freqs.sin().to(work)[..., None, :]  # (..., 1, D/2)
 
     def rot(x):
-        x1, x2 = x.float().chunk(2, dim=-1)  # (..., H, D/2) each
+        x1, x2 = x.to(work).chunk(2, dim=-1)  # (..., H, D/2) each
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
     return rot(q), rot(k)
@@ -73,11 +77,14 @@ def _kernel():
         d = tl.arange(0, BLOCK_D)[None, :]  # (1, BLOCK_D)
         dmask = d < HALF
         m = (h < H) & dmask
-        pos = tl.load(POS + n).to(tl.float32)
-        inv = tl.load(INV_FREQ + n * stride_fn + d, mask=dmask, other=0.0).to(tl.float32)  # (1, BLOCK_D)
-        ang = pos * inv
-        cos = tl.cos(ang)
-        sin = tl.sin(ang)
+        pos = tl.load(POS + n).to(tl.float64)
+        inv = tl.load(INV_FREQ + n * stride_fn + d, mask=dmask, other=0.0).to(tl.float64)  # (1, BLOCK_D)
+        ang = pos * inv  # fp64: exact to ~1e-12 rad at 32k positions
+        two_pi = tl.full((1, BLOCK_D), 6.283185307179586, tl.float64)
+        turns = (ang / two_pi).to(tl.int64).to(tl.float64)  # whole turns (truncated)
+        red = (ang - turns * two_pi).to(tl.float32)  # in (-2 pi, 2 pi): fp32 cos/sin are accurate there
+        cos = tl.cos(red)
+        sin = tl.sin(red)
         if CONJ:
             sin = -sin
         # q
@@ -113,10 +120,10 @@ def _launch(q, k, positions, inv_freq, conj: bool):
     q3, k3 = _as_tokens(q), _as_tokens(k)  # (N, H, D)
     N = q3.shape[0]
     pos = positions.reshape(-1)
-    if pos.dtype not in (torch.float32, torch.int32, torch.int64):
-        pos = pos.to(torch.float32)
+    if pos.dtype not in (torch.float64, torch.float32, torch.int32, torch.int64):
+        pos = pos.to(torch.float64)
     pos = pos.contiguous()
-    inv = inv_freq.to(torch.float32)
+    inv = inv_freq.to(torch.float64)
     if inv.dim() == 1:
         inv, stride_fn = inv.contiguous(), 0
     else:

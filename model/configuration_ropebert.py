@@ -8,10 +8,42 @@ import only the standard library and transformers.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from typing import Optional
 
 from transformers import PretrainedConfig
+
+logger = logging.getLogger(__name__)
+
+# position_scale / rope_scaling.factor value: LongEmbed's per-input factor ceil(n / original length), per sequence
+AUTO = "auto"
+# transformers 5's rope_parameters "rope_type" <-> this config's rope_scaling "type" (same formulas)
+ROPE_TYPE_TO_SCALING = {"linear": "pi", "dynamic": "dynamic_ntk"}
+SCALING_TO_ROPE_TYPE = {v: k for k, v in ROPE_TYPE_TO_SCALING.items()}
+
+
+def rope_from_parameters(rope_parameters) -> tuple[Optional[float], Optional[dict]]:
+    """(rope_theta or None, rope_scaling) of a transformers-5 style `rope_parameters` dict:
+    {"rope_type": "default", "rope_theta": t}, {"rope_type": "linear", "factor": s, ...} (position interpolation,
+    s may be "auto") or {"rope_type": "dynamic", "factor": f, ...} (dynamic NTK)."""
+    rp = rope_parameters
+    if not isinstance(rp, dict) or "rope_type" not in rp or set(rp) - {"rope_type", "rope_theta", "factor"}:
+        raise ValueError(
+            'RopeBertConfig.rope_parameters must be {"rope_type": "default" | "linear" | "dynamic", "rope_theta": t'
+            f'[, "factor": f]}}, got {rp!r}'
+        )
+    t = rp["rope_type"]
+    if t == "default":
+        if "factor" in rp:
+            raise ValueError(f'RopeBertConfig.rope_parameters: rope_type "default" takes no factor, got {rp!r}')
+        return rp.get("rope_theta"), None
+    if t not in ROPE_TYPE_TO_SCALING:
+        raise ValueError(f"RopeBertConfig.rope_parameters: unknown type {t!r}; supported: 'default', 'linear' "
+                         "(position interpolation), 'dynamic' (dynamic NTK)")
+    if "factor" not in rp:
+        raise ValueError(f"RopeBertConfig.rope_parameters: rope_type {t!r} needs a factor, got {rp!r}")
+    return rp.get("rope_theta"), {"type": ROPE_TYPE_TO_SCALING[t], "factor": rp["factor"]}
 
 
 class RopeBertConfig(PretrainedConfig):
@@ -34,7 +66,11 @@ class RopeBertConfig(PretrainedConfig):
         initializer_range: Std of the normal init of linear and embedding weights.
         layer_norm_eps: LayerNorm epsilon.
         pad_token_id: Padding token id.
-        rope_theta: Rotary base theta; inv_freq = 1 / theta^(arange(0, d, 2) / d). Must be > 0.
+        rope_theta: Rotary base theta (default 10000); inv_freq = 1 / theta^(arange(0, d, 2) / d). Must be > 0.
+            config.json stores it, with rope_scaling, in transformers 5's `rope_parameters`: {"rope_type":
+            "default" | "linear" (= PI) | "dynamic" (= dynamic NTK), "rope_theta": t[, "factor": f]}; the old
+            top-level keys rope_theta / rope_scaling are still read (and win over rope_parameters when both are
+            given). The attributes config.rope_theta / config.rope_scaling are what the model reads.
         attn_backend: Attention backend name from the registry in modeling_ropebert ("auto", "eager",
             "sdpa", "sdpa_packed", "varlen", plus optional ones registered at import time such as
             "flash_attn" and "xformers"). Checked when the model is built.
@@ -45,10 +81,12 @@ class RopeBertConfig(PretrainedConfig):
     4k tokens, SelfExtend (group_size, window) (3, 256) / (5, 128) / (9, 64)):
         rope_scaling: None, {"type": "dynamic_ntk", "factor": f} (theta recomputed per sequence from its length
             n when n > original length: theta * (f * n / orig - (f - 1)) ** (D / (D - 2))) or
-            {"type": "pi", "factor": s} (position interpolation: positions divided by s). f, s > 0.
+            {"type": "pi", "factor": s} (position interpolation: positions divided by s). f, s > 0; s may be
+            "auto": s = ceil(n / original length) for each sequence of n non-padding tokens, so sequences within
+            the original length keep their positions (LongEmbed's rule).
         position_mode: "default" (positions as given), "gp" (grouped: p // position_scale) or "rp" (recurrent:
             p mod original_max_position_embeddings).
-        position_scale: The group size s of position_mode="gp" (> 0).
+        position_scale: The group size s of position_mode="gp" (> 0), or "auto" (per sequence, as for PI).
         original_max_position_embeddings: The length the model was trained at (None: max_position_embeddings).
             Used by rp, dynamic NTK, SelfExtend (sequences not longer than it use plain attention) and PCW.
         self_extend: None or {"group_size": g, "window": w} with g >= 1 and 1 <= w < original length:
@@ -75,10 +113,11 @@ class RopeBertConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         layer_norm_eps: float = 1e-12,
         pad_token_id: int = 0,
-        rope_theta: float = 10000.0,
+        rope_theta: Optional[float] = None,
         attn_backend: str = "auto",
         rope_impl: str = "auto",
         rope_scaling: Optional[dict] = None,
+        rope_parameters: Optional[dict] = None,
         position_mode: str = "default",
         position_scale: float = 1.0,
         original_max_position_embeddings: Optional[int] = None,
@@ -87,6 +126,17 @@ class RopeBertConfig(PretrainedConfig):
         **kwargs,
     ):
         super().__init__(pad_token_id=pad_token_id, **kwargs)
+        if rope_parameters is not None:  # transformers-5 convention (what to_dict writes); old keys still read
+            theta_p, scaling_p = rope_from_parameters(rope_parameters)
+            if (rope_theta is not None and theta_p is not None and float(rope_theta) != float(theta_p)) or (
+                rope_scaling is not None and rope_scaling != scaling_p
+            ):
+                logger.warning("RopeBertConfig: rope_theta=%r / rope_scaling=%r given beside rope_parameters=%r; the "
+                               "explicit rope_theta / rope_scaling win", rope_theta, rope_scaling, rope_parameters)
+            rope_theta = theta_p if rope_theta is None else rope_theta
+            rope_scaling = scaling_p if rope_scaling is None else rope_scaling
+        if rope_theta is None:
+            rope_theta = 10000.0
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -110,8 +160,10 @@ class RopeBertConfig(PretrainedConfig):
         self.attn_scale_base = attn_scale_base
         self.validate_ropebert()
 
-    # transformers >= 5 turns `rope_scaling` into a deprecated alias of its own `rope_parameters` format; this
-    # model keeps the plain LongEmbed-style key, stored under a private name and written back by to_dict().
+    # transformers >= 5 turns `rope_scaling` into a deprecated alias of its own `rope_parameters` format. At run time
+    # this model keeps the plain LongEmbed-style attributes rope_theta / rope_scaling (rope_scaling stored under a
+    # private name, so transformers' alias never sees it); config.json gets transformers 5's `rope_parameters`
+    # (to_dict), and the old keys are still read (__init__).
     @property
     def rope_scaling(self):
         return self.__dict__.get("_ropebert_rope_scaling")
@@ -120,11 +172,22 @@ class RopeBertConfig(PretrainedConfig):
     def rope_scaling(self, value):
         self.__dict__["_ropebert_rope_scaling"] = value
 
+    def rope_parameters_dict(self) -> dict:
+        """rope_theta / rope_scaling in transformers 5's convention: {"rope_type", "rope_theta"[, "factor"]}."""
+        rs = self.rope_scaling
+        out = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if isinstance(rs, dict) and rs.get("type") in SCALING_TO_ROPE_TYPE:
+            out = {"rope_type": SCALING_TO_ROPE_TYPE[rs["type"]], "rope_theta": self.rope_theta,
+                   "factor": copy.deepcopy(rs.get("factor"))}
+        return out
+
     def to_dict(self):
         out = super().to_dict()
         out.pop("_ropebert_rope_scaling", None)
         out.pop("_ropebert_autoset_attn", None)  # runtime bookkeeping of RopeBertModel.__init__, never saved
-        out["rope_scaling"] = copy.deepcopy(self.rope_scaling)
+        out.pop("rope_theta", None)
+        out.pop("rope_scaling", None)
+        out["rope_parameters"] = self.rope_parameters_dict()
         return out
 
     @property
@@ -173,18 +236,23 @@ class RopeBertConfig(PretrainedConfig):
             if not isinstance(rs, dict) or set(rs) - {"type", "factor"} or "type" not in rs or "factor" not in rs:
                 raise ValueError(
                     'RopeBertConfig.rope_scaling must be null, {"type": "dynamic_ntk", "factor": f} or '
-                    f'{{"type": "pi", "factor": s}}, got {rs!r}'
+                    f'{{"type": "pi", "factor": s}} (s a number or "auto"), got {rs!r}'
                 )
             if rs["type"] not in ("dynamic_ntk", "pi"):
                 raise ValueError(
                     f"RopeBertConfig.rope_scaling: unknown type {rs['type']!r}; supported: 'dynamic_ntk', 'pi'"
                 )
-            if not is_num(rs["factor"]) or rs["factor"] <= 0:
-                raise ValueError(f"RopeBertConfig.rope_scaling.factor must be a finite number > 0, got {rs['factor']!r}")
+            auto_ok = rs["type"] == "pi" and rs["factor"] == AUTO
+            if not auto_ok and (not is_num(rs["factor"]) or rs["factor"] <= 0):
+                allowed = ' or "auto"' if rs["type"] == "pi" else ""
+                raise ValueError(
+                    f"RopeBertConfig.rope_scaling.factor must be a finite number > 0{allowed}, got {rs['factor']!r}"
+                )
         if self.position_mode not in ("default", "gp", "rp"):
             raise ValueError(f"RopeBertConfig.position_mode must be 'default', 'gp' or 'rp', got {self.position_mode!r}")
-        if not is_num(self.position_scale) or self.position_scale <= 0:
-            raise ValueError(f"RopeBertConfig.position_scale must be a finite number > 0, got {self.position_scale!r}")
+        ps = self.position_scale
+        if ps != AUTO and (not is_num(ps) or ps <= 0):
+            raise ValueError(f'RopeBertConfig.position_scale must be a finite number > 0 or "auto", got {ps!r}')
         se = self.self_extend
         if se is not None:
             if not isinstance(se, dict) or set(se) != {"group_size", "window"}:

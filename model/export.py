@@ -81,6 +81,17 @@ def _sentence_transformers_files(out: Path, config: RopeBertConfig, max_seq_leng
         (out / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
+def _declare_tokenizer_class(out: Path, tokenizer) -> None:
+    """tokenizer_config.json names the tokenizer's (built-in) class and carries no auto_map: the tokenizer needs no
+    custom code, and with `tokenizer_class` transformers 4.x resolves it without reading the model config (whose
+    auto_map would make AutoTokenizer ask to run custom code)."""
+    p = out / "tokenizer_config.json"
+    cfg = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+    cfg["tokenizer_class"] = cfg.get("tokenizer_class") or type(tokenizer).__name__
+    cfg.pop("auto_map", None)
+    p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def export_model(
     model: RopeBertModel,
     out_dir: str | os.PathLike,
@@ -123,6 +134,7 @@ def export_model(
         for name in MODEL_FILES:
             shutil.copyfile(src_dir / name, tmp / name)
         tokenizer.save_pretrained(str(tmp))
+        _declare_tokenizer_class(tmp, tokenizer)
         msl = int(max_seq_length or config.max_position_embeddings)
         _sentence_transformers_files(tmp, config, msl, prompts or dict(DEFAULT_PROMPTS))
     logger.info("export: wrote %s", out)

@@ -10,10 +10,11 @@ max_position_embeddings), s = L / L0 rounded up to a power of two; L <= L0 leave
                 10k at 1k/2k/4k); beyond 4k (our extrapolation) f doubles per doubling: 20, 40, 80 for 8k/16k/32k
     selfextend  self_extend = {group_size: s + 1, window: L0 / s}: (3,256) (5,128) (9,64) at 1k/2k/4k as in
                 Table 6, i.e. window + (L - window) / group <= L0; extrapolated: (17,32) (33,16) (65,8)
-    pi          rope_scaling = {"type": "pi", "factor": s}
-    gp          position_mode = "gp", position_scale = s
+    pi          rope_scaling = {"type": "pi", "factor": "auto"}: each input's own factor ceil(n / L0) (LongEmbed's
+                rule; 1 for n <= L0, so short queries keep their positions; = s for an input of the target length)
+    gp          position_mode = "gp", position_scale = "auto" (likewise)
     rp          position_mode = "rp", original_max_position_embeddings = L0
-    pcw         model.encode(..., pcw=True) (parallel context windows of L0 - 2 tokens)
+    pcw         model.encode(..., pcw=True) (parallel context windows: [CLS] prefix chunk [SEP] <= L0 tokens)
 """
 
 from __future__ import annotations
@@ -63,10 +64,10 @@ def method_preset(method: str, target_len: int, config) -> tuple[dict, dict]:
         return {"rope_theta": float(config.rope_theta) * ntk_factor(s)}, {}
     if method == "selfextend":
         return {"self_extend": selfextend_preset(s, L0), "original_max_position_embeddings": L0}, {}
-    if method == "pi":
-        return {"rope_scaling": {"type": "pi", "factor": float(s)}}, {}
+    if method == "pi":  # the factor of each input from its own length: inputs <= L0 keep their positions
+        return {"rope_scaling": {"type": "pi", "factor": "auto"}}, {}
     if method == "gp":
-        return {"position_mode": "gp", "position_scale": float(s)}, {}
+        return {"position_mode": "gp", "position_scale": "auto"}, {}
     if method == "rp":
         return {"position_mode": "rp", "original_max_position_embeddings": L0}, {}
     return {}, {"pcw": True}  # pcw

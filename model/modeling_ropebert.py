@@ -33,7 +33,7 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutput
 
-from .configuration_ropebert import RopeBertConfig
+from .configuration_ropebert import AUTO, RopeBertConfig
 
 logger = logging.getLogger(__name__)
 
@@ -44,18 +44,23 @@ logger = logging.getLogger(__name__)
 
 
 def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
-    """inv_freq = 1 / theta^(arange(0, D, 2) / D), fp32, shape (D/2,)."""
+    """inv_freq = 1 / theta^(arange(0, D, 2) / D), fp64, shape (D/2,).
+
+    fp64 because the angles position * inv_freq are formed in fp64 (rope_cos_sin): an fp32 inv_freq alone is off
+    by up to 6e-8 relative, i.e. 2e-3 rad at position 32,768."""
     exponent = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
-    return (1.0 / (float(theta) ** exponent)).to(device=device, dtype=torch.float32)
+    return (1.0 / (float(theta) ** exponent)).to(device=device)
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin for arbitrary (integer or fractional) positions, fp32, shape (*positions.shape, D).
 
-    inv_freq: (D/2,) or per token (*positions.shape, D/2)."""
-    freqs = positions.to(torch.float32)[..., None] * inv_freq  # (..., D/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (..., D)
-    return emb.cos(), emb.sin()
+    inv_freq: (D/2,) or per token (*positions.shape, D/2). The angles (and cos/sin) are computed in fp64 and
+    rounded to fp32 at the end: fp32 angles lose ~1e-3 at 32k positions, fp64 ones stay at fp32 rounding (~6e-8)
+    of the exact cos/sin. The tables are (..., D/2) per forward, shared by all layers: cheap."""
+    freqs = positions.to(torch.float64)[..., None] * inv_freq.to(torch.float64)  # (..., D/2)
+    cos, sin = freqs.cos().to(torch.float32), freqs.sin().to(torch.float32)
+    return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)  # (..., D)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +99,7 @@ class AttentionContext:
 
     Padded layout (backend.packed False): q/k/v are (B, L, H, D), `attention_mask` (B, L) bool.
     Packed layout (backend.packed True): q/k/v are (T, H, D), `cu_seqlens` (B+1,) int32 and `max_seqlen`.
-    `positions` are rotary positions, (B, L) or (T,), integer or fractional.
+    `positions` are rotary positions, (B, L) or (T,), integer or fractional (fp64); `inv_freq` is fp64.
     """
 
     packed: bool
@@ -287,6 +292,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionCont
 #
 #   rope_theta / rope_scaling  NTK-aware theta, dynamic NTK (theta from each sequence's length), PI (p / s)
 #   position_mode              gp: p // s, rp: p mod original length
+#                              (PI / GP factor "auto": s = ceil(n / original length) per sequence, LongEmbed's
+#                              rule; sequences within the original length keep their positions)
 #   attn_scale_base            q *= max(1, ln n / ln base) per sequence
 #   self_extend                LongEmbed's bidirectional SelfExtend: for a sequence longer than the original
 #                              length, the score of (i, j) uses
@@ -301,17 +308,39 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionCont
 # ----------------------------------------------------------------------------------------------------------
 
 
-def long_context_positions(position_ids: torch.Tensor, config: RopeBertConfig) -> torch.Tensor:
-    """Apply position_mode (gp / rp) and PI to rotary positions. (B, L) -> (B, L), long or fp32."""
+def auto_scale_factors(seqlens: torch.Tensor, original_length: int) -> torch.Tensor:
+    """LongEmbed's per-input factor ceil(n / L0) for each sequence's non-padding length n; 1 for n <= L0. (B,) long."""
+    n = seqlens.to(torch.long)
+    return ((n + original_length - 1) // original_length).clamp(min=1)
+
+
+def long_context_positions(position_ids: torch.Tensor, config: RopeBertConfig,
+                           seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Apply position_mode (gp / rp) and PI to rotary positions. (B, L) -> (B, L), long or fp64.
+
+    A factor "auto" (position_scale, rope_scaling.factor) is ceil(n / original length) per sequence (seqlens
+    (B,) needed), so sequences within the trained length keep their positions exactly."""
     p = position_ids
+
+    def factor(value):  # a number, or (B, 1) long per sequence for "auto"
+        if value != AUTO:
+            return value
+        if seqlens is None:
+            raise ValueError('long_context_positions: a factor "auto" needs the sequence lengths')
+        return auto_scale_factors(seqlens, config.original_length).to(p.device)[:, None]
+
     if config.position_mode == "gp":
-        s = config.position_scale
-        p = p // int(s) if float(s).is_integer() else torch.floor(p.to(torch.float64) / s).to(torch.float32)
+        s = factor(config.position_scale)
+        if isinstance(s, torch.Tensor) or float(s).is_integer():
+            p = p // (s if isinstance(s, torch.Tensor) else int(s))
+        else:
+            p = torch.floor(p.to(torch.float64) / s)
     elif config.position_mode == "rp":
         p = p % config.original_length
     rs = config.rope_scaling
     if rs is not None and rs["type"] == "pi":
-        p = p.to(torch.float32) / float(rs["factor"])
+        f = factor(rs["factor"])
+        p = p.to(torch.float64) / (f.to(torch.float64) if isinstance(f, torch.Tensor) else float(f))
     return p
 
 
@@ -326,7 +355,7 @@ def long_context_inv_freq(head_dim: int, config: RopeBertConfig, seqlens: torch.
     n = seqlens.to(torch.float64).clamp(min=orig)  # (B,) sequences within the original length keep theta
     theta = config.rope_theta * (f * n / orig - (f - 1)).clamp(min=1.0) ** (head_dim / (head_dim - 2))  # (B,)
     exponent = torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim  # (D/2,)
-    return (1.0 / theta[:, None] ** exponent[None, :]).to(torch.float32)  # (B, D/2)
+    return 1.0 / theta[:, None] ** exponent[None, :]  # (B, D/2) fp64
 
 
 def attn_scale_factors(seqlens: torch.Tensor, base: Optional[float]) -> Optional[torch.Tensor]:
@@ -800,7 +829,7 @@ class RopeBertModel(RopeBertPreTrainedModel):
         backend = resolve_attention_backend(
             cfg.attn_backend, device, self._compute_dtype(device), dropout_p > 0, padding_fraction
         )
-        position_ids = long_context_positions(position_ids, cfg)  # (B, L) gp / rp / PI remaps
+        position_ids = long_context_positions(position_ids, cfg, seqlens)  # (B, L) gp / rp / PI remaps
         inv_freq = long_context_inv_freq(self.head_dim, cfg, seqlens)  # (D/2,) or (B, D/2) dynamic NTK
         q_scale = attn_scale_factors(seqlens, cfg.attn_scale_base)  # None or (B,)
         max_len = int(seqlens.max()) if B else 0
@@ -947,9 +976,11 @@ class RopeBertModel(RopeBertPreTrainedModel):
         L2-normalise. Returns (N, C) fp32 on CPU in input order.
 
         pcw: parallel context windows (no truncation): each text is tokenised without special tokens and cut
-            into chunks of original_length - 2 tokens (510 for a 512 model; the last chunk is the final 510
-            tokens, overlapping the previous one); every chunk is encoded as [CLS] prefix chunk [SEP] with the
-            text's prefix, the unnormalised chunk embeddings of a text are averaged, then L2-normalised.
+            into chunks that fit the trained length with everything included: original_length - 2 - (prefix
+            tokens) body tokens (506 for a 512 model and "passage: "; the last chunk is the final such tokens,
+            overlapping the previous one); every chunk is encoded as [CLS] prefix chunk [SEP] (at most
+            original_length tokens), the unnormalised chunk embeddings of a text are averaged, then
+            L2-normalised.
 
         max_length: truncation length in tokens (default config.max_position_embeddings); the number of
             truncated texts is logged once per call. Pass a larger value for long-context use.
@@ -983,15 +1014,16 @@ class RopeBertModel(RopeBertPreTrainedModel):
         return self._encode_ids(ids_list, batch_size, max_tokens, normalize, device, show_progress_bar)
 
     def _pcw_chunks(self, texts: Sequence[str], tokenizer, prefix: str):
-        """PCW chunk id lists ([CLS] prefix chunk [SEP]) and, per chunk, the index of its text (LongTensor)."""
+        """PCW chunk id lists ([CLS] prefix chunk [SEP], each at most original_length tokens) and, per chunk, the
+        index of its text (LongTensor)."""
         tok = tokenizer if tokenizer is not None else self.tokenizer
-        chunk = self.config.original_length - 2
-        if chunk < 1:
-            raise ValueError(f"pcw needs original length >= 3, got {self.config.original_length}")
         cls_id, sep_id = tok.cls_token_id, tok.sep_token_id
         if cls_id is None or sep_id is None:
             raise ValueError("pcw needs a tokenizer with [CLS] and [SEP] tokens")
         pre = tok([prefix], add_special_tokens=False, verbose=False)["input_ids"][0] if prefix else []
+        chunk = self.config.original_length - 2 - len(pre)  # [CLS] + prefix + chunk + [SEP] <= original length
+        if chunk < 1:
+            raise ValueError(f"pcw needs original length > 2 + {len(pre)} prefix tokens, got {self.config.original_length}")
         bodies = tok(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
         ids_list, owner = [], []
         for i, body in enumerate(bodies):

@@ -11,11 +11,18 @@ REQUEST keys (all optional):
     input_ids              [[...]] -> "hidden": last hidden state of the first row (all tokens real)
     bad_config_edits       [{key: value}, ...] -> "bad_config_errors": the ValueError text of loading a copy of
                            DIR whose config.json has the edit applied, or null when it loaded
-Always reported: ropebert_imported, gpu_pkg_imported, theta, self_extend, default_backend.
+    tokenizer_only         true -> only `AutoTokenizer.from_pretrained(DIR)` the way users call it (no
+                           trust_remote_code; stdin is closed by the caller), nothing else loaded: "tokenizer":
+                           {"class", "input_ids" (of texts), "stdout", "log", "warnings"} (what it printed, logged
+                           through transformers' logger and warned)
+Always reported: ropebert_imported, gpu_pkg_imported, theta, self_extend, default_backend (not for tokenizer_only).
 """
 
+import contextlib
 import importlib.abc
+import io
 import json
+import logging
 import os
 import shutil
 import sys
@@ -32,13 +39,50 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError(f"{name} is blocked in the fresh-process reload check")
 
 
+def tokenizer_probe(model_dir: str, texts: list) -> dict:
+    """AutoTokenizer.from_pretrained(DIR) with no trust_remote_code, recording its stdout (an interactive prompt
+    would print there), transformers' log records and warnings."""
+    from transformers import AutoTokenizer
+
+    out, log = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(log)
+    tf_logger = logging.getLogger("transformers")
+    tf_logger.addHandler(handler)
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out):
+        warnings.simplefilter("always")
+        try:
+            tok = AutoTokenizer.from_pretrained(model_dir)
+            error = None
+        except Exception as e:  # reported, not raised: the caller asserts on it
+            tok, error = None, f"{type(e).__name__}: {e}"
+    tf_logger.removeHandler(handler)
+    return {
+        "class": None if tok is None else type(tok).__name__,
+        "error": error,
+        "input_ids": [] if tok is None else [tok(t)["input_ids"] for t in texts],
+        "stdout": out.getvalue(),
+        "log": log.getvalue(),
+        "warnings": [f"{w.category.__name__}: {w.message}" for w in caught
+                     if not issubclass(w.category, DeprecationWarning)],
+    }
+
+
 def main(model_dir: str, request_file: str, out_file: str) -> None:
     sys.meta_path.insert(0, Block())
+    req = json.load(open(request_file, encoding="utf-8"))
+    if req.get("tokenizer_only"):
+        res = {"tokenizer": tokenizer_probe(model_dir, req.get("texts") or [])}
+        res["ropebert_imported"] = any(k.split(".")[0] == "ropebert" for k in sys.modules)
+        import transformers
+
+        res["transformers_version"] = transformers.__version__
+        with open(out_file, "w", encoding="utf-8") as f:
+            json.dump(res, f)
+        return
     warnings.filterwarnings("ignore")
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    req = json.load(open(request_file, encoding="utf-8"))
     texts = req.get("texts") or []
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
     res = {"hf": [], "n_tokens": []}

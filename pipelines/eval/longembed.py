@@ -5,7 +5,8 @@ offline and deterministically from a seed, with the context-extension methods of
 passkey (LongEmbed's personalized passkey retrieval):
     filler   "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again." repeated
     needle   "{name}'s pass key is {N}. Remember it. {N} is the pass key for {name}." at a random sentence
-             boundary (uniform depth); one needle per document, names distinct within a length
+             boundary (uniform depth); one needle per document; names are full names ("Joyce Jenkins"), as in
+             LongEmbed's LEMBPasskeyRetrieval, drawn from the seed and distinct within a length
     query    "what is the passkey for {name}?"; per length `num_docs` candidates (default 100), the first
              `num_queries` (default 50) of which are the gold documents of the queries
 needle (real-data variant of LongEmbed's needle test, whose GPT-4 facts we do not have):
@@ -53,8 +54,9 @@ WORDS_PER_TOKEN = 0.75
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 PASSKEY_NEEDLE = "{name}'s pass key is {N}. Remember it. {N} is the pass key for {name}."
 PASSKEY_QUERY = "what is the passkey for {name}?"
-# distinct first names for the personalized passkeys (100 documents per length need 100 names)
-NAMES = (
+# personalized passkeys use full names as LongEmbed's LEMBPasskeyRetrieval does ("Joyce Jenkins's pass key is
+# ..."): first + last name pairs drawn per length from these lists, distinct within a length
+FIRST_NAMES = (
     "Aaron Abigail Adam Adrian Aiden Alice Amelia Andrew Anna Anthony Aria Arthur Aubrey Audrey Austin Ava "
     "Benjamin Bella Blake Brandon Brian Brooke Caleb Cameron Camila Carlos Caroline Charles Charlotte Chloe "
     "Christian Claire Connor Daniel David Dylan Eleanor Elijah Elizabeth Ella Emily Emma Eric Ethan Evelyn "
@@ -64,6 +66,23 @@ NAMES = (
     "Oliver Olivia Owen Patrick Paul Peter Rachel Rebecca Riley Robert Ryan Samuel Sarah Scarlett Sebastian "
     "Sophia Stella Thomas Tyler Victoria Violet William Zoe"
 ).split()
+LAST_NAMES = (
+    "Adams Allen Anderson Bailey Baker Barnes Bell Bennett Brooks Brown Butler Campbell Carter Clark Collins Cook "
+    "Cooper Cox Cruz Davis Diaz Edwards Evans Fisher Flores Foster Garcia Gomez Gonzalez Gray Green Griffin Hall "
+    "Harris Hayes Henderson Hill Howard Hughes Jackson James Jenkins Johnson Jones Kelly Kim King Lee Lewis Long "
+    "Lopez Martin Martinez Miller Mitchell Moore Morgan Morris Murphy Myers Nelson Nguyen Parker Patel Perez "
+    "Perry Peterson Phillips Powell Price Ramirez Reed Reyes Richardson Rivera Roberts Robinson Rodriguez Rogers "
+    "Ross Russell Sanchez Sanders Scott Smith Stewart Sullivan Taylor Thompson Torres Turner Walker Ward Watson "
+    "White Williams Wilson Wood Wright Young"
+).split()
+
+
+def sample_full_names(rng: random.Random, n: int) -> list[str]:
+    """n distinct "First Last" names drawn with `rng` (without replacement from all first x last pairs)."""
+    total = len(FIRST_NAMES) * len(LAST_NAMES)
+    if n > total:
+        raise InputError(f"passkey: --num-docs {n} > {total} distinct names available")
+    return [f"{FIRST_NAMES[i // len(LAST_NAMES)]} {LAST_NAMES[i % len(LAST_NAMES)]}" for i in rng.sample(range(total), n)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -167,14 +186,12 @@ def generate_passkey(lengths: Sequence[int] = DEFAULT_LENGTHS, num_queries: int 
                      seed: int = 0, tokenizer=None, passage_prefix: str = "passage: ") -> list[SyntheticTask]:
     """LongEmbed personalized passkey retrieval, one SyntheticTask per length (deterministic in `seed`)."""
     _check_sizes(num_queries, num_docs)
-    if num_docs > len(NAMES):
-        raise InputError(f"passkey: --num-docs {num_docs} > {len(NAMES)} distinct names available")
     counter = TokenCounter(tokenizer)
     reserve = counter.reserve(passage_prefix)
     tasks = []
     for length in lengths:
         rng = random.Random(f"passkey:{seed}:{length}")
-        names = rng.sample(NAMES, num_docs)
+        names = sample_full_names(rng, num_docs)
         keys = [rng.randint(10000, 99999) for _ in range(num_docs)]
         haystack = _filler_words(length)  # >= 1 word per token: always enough
         cum = list(itertools.accumulate(counter(w) for w in haystack)) if tokenizer is not None else None
@@ -337,7 +354,7 @@ def parse_lengths(spec: Optional[str]) -> list[int]:
 def _main(task_name: str, argv: Optional[list[str]]) -> int:
     ap = argparse.ArgumentParser(prog=f"ropebert eval {task_name}", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="exported ropebert dir, RoPE BERT dir, or APE BERT dir")
+    ap.add_argument("--model", required=True, help="exported ropebert dir, RoPE BERT dir, APE BERT dir, or a Hub id org/name (huggingface_hub cache)")
     ap.add_argument("--method", action="append", default=None, choices=METHODS,
                     help="context-extension method (repeatable; default none)")
     ap.add_argument("--lengths", default=None, help="comma-separated token lengths (default 256..32768)")

@@ -42,7 +42,7 @@ def format_table(sim, queries, passages, width: int = 38) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="ropebert similarity", description=__doc__)
-    ap.add_argument("--model", required=True, help="exported model dir, RoPE BERT dir, or APE BERT dir (converted)")
+    ap.add_argument("--model", required=True, help="exported model dir, RoPE BERT dir, APE BERT dir (converted), or a Hub id org/name")
     ap.add_argument("--query", action="append", help="query text (repeatable); default: a built-in example set")
     ap.add_argument("--passage", action="append", help="passage text (repeatable)")
     ap.add_argument("--query-prefix", default="query: ")

@@ -76,6 +76,30 @@ case("packed_bf16", (sum(seqlens),), pos, inv, torch.bfloat16)
 case("padded_pi_bf16", (B, L), ppos.float() / 2.5, inv, torch.bfloat16)
 case("packed_head_dim_24", (sum(seqlens),), pos, None, d=24)  # D/2 = 12: masked lanes in the kernel
 
+# angle precision at long range: q = (1, 0) pairs, so the rotated q is (cos, sin) of each angle; three thetas in one
+# launch through a per-token inv_freq; positions up to 32,767, integer and PI-fractional (p / 3, fp64)
+Dl = 64
+pos_long = torch.cat([torch.arange(0, 32768, 41), torch.arange(32768 - 24, 32768)])
+angles = {}
+for frac in (False, True):
+    pp, ii, exact_c, exact_s = [], [], [], []
+    for theta in (1e4, 1e5, 1e6):
+        inv64 = 1.0 / theta ** (torch.arange(0, Dl, 2, dtype=torch.float64) / Dl)
+        p64 = pos_long.double() / 3.0 if frac else pos_long
+        a = p64.double()[:, None] * inv64
+        pp.append(p64), ii.append(inv64.expand(len(pos_long), -1)), exact_c.append(a.cos()), exact_s.append(a.sin())
+    pp, ii = torch.cat(pp), torch.cat(ii)
+    qk = torch.cat([torch.ones(len(pp), 1, Dl // 2), torch.zeros(len(pp), 1, Dl // 2)], -1)
+    out = rotary_triton(qk, qk.clone(), pp, ii)[0][:, 0]  # (N, D): cos | sin
+    ref = rotary_reference(qk, qk.clone(), pp, ii)[0][:, 0]
+    want = torch.cat([torch.cat(exact_c), torch.cat(exact_s)], -1)
+    angles["pi_fraction" if frac else "integer"] = {
+        "kernel": (out.double() - want).abs().max().item(),
+        "reference": (ref.double() - want).abs().max().item(),
+        "max_position": float(pp.max()),
+    }
+res["angles_32k"] = angles
+
 # inside the model: rope_impl triton vs torch, forward and backward, padded and packed backends
 cfg = dict(
     vocab_size=50,

@@ -51,6 +51,14 @@ def test_fp32_forward_backward_parity(interpreted, case):
     assert r["fwd_kernel_vs_fp64"] <= 1e-5 and r["bwd_kernel_vs_fp64"] <= 1e-5, r
 
 
+def test_kernel_angles_within_1e5_of_fp64_to_32k_positions(interpreted):
+    """cos/sin the kernel rotates by (q = (1, 0) pairs) against fp64 cos/sin of the exact angles, positions up to
+    32,767 (integer, and PI fractions p / 3), theta 1e4 / 1e5 / 1e6, head_dim 64; the torch reference too."""
+    for kind, r in interpreted["angles_32k"].items():
+        assert r["kernel"] <= 1e-5 and r["reference"] <= 1e-5, (kind, r)
+    assert interpreted["angles_32k"]["integer"]["max_position"] == 32767
+
+
 def test_fp16_error_within_2x_reference(interpreted):
     """fp16 (the interpreter rounds to nearest like the GPU): kernel error vs fp64 <= 2x the torch reference's."""
     r = interpreted["packed_fp16"]

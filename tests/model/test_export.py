@@ -38,10 +38,15 @@ def test_export_directory_layout(exported):
         "AutoConfig": "configuration_ropebert.RopeBertConfig",
         "AutoModel": "modeling_ropebert.RopeBertModel",
     }
-    assert cfg["rope_theta"] == 10000.0 and cfg["model_type"] == "ropebert"
+    assert cfg["model_type"] == "ropebert"
+    # transformers 5's rotary convention: rope_parameters (rope_type, rope_theta), no deprecated rope_scaling
+    assert cfg["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}
+    assert "rope_scaling" not in cfg and "rope_theta" not in cfg
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] == "BertTokenizer" and "auto_map" not in tok_cfg
     # every long-context key is written (so editing config.json is all a user does), with its default
     long_context = {
-        "rope_scaling": None, "position_mode": "default", "position_scale": 1.0,
+        "position_mode": "default", "position_scale": 1.0,
         "original_max_position_embeddings": None, "self_extend": None, "attn_scale_base": 512,
         "rope_impl": "auto", "attn_backend": "auto", "max_position_embeddings": 512,
     }
@@ -135,3 +140,56 @@ def test_load_source_refuses_weights_under_an_unknown_prefix(tmp_path):
     save_file({"bert." + k: v for k, v in st.items()}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="weights missing from the checkpoint"):
         load_source(str(tmp_path))
+
+
+def test_tokenizer_loads_in_a_fresh_process_the_way_users_call_it(exported):
+    """`AutoTokenizer.from_pretrained(DIR)` with no trust_remote_code and stdin closed, ropebert blocked: the
+    tokenizer's own class and ids, no rope deprecation warning (config.json uses rope_parameters).
+
+    The custom-code prompt and the "model of type `ropebert`" log: transformers 4.x takes the tokenizer class from
+    tokenizer_config.json without reading config.json, so neither appears. transformers 5 always resolves the model
+    config first (AutoConfig, whose auto_map needs the custom code) before reading tokenizer_config.json, so the
+    prompt (answered by the closed stdin) and the log come from transformers there, whatever the directory holds."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    model, out = exported
+    res = run_fresh_reload(out, {"tokenizer_only": True, "texts": [SHORT]})
+    tok = res["tokenizer"]
+    assert res["ropebert_imported"] is False and tok["error"] is None, tok
+    assert tok["class"] == "BertTokenizer"
+    assert tok["input_ids"] == [AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)(SHORT)["input_ids"]]
+    assert not [w for w in tok["warnings"] if "rope" in w.lower()], tok["warnings"]
+    if int(transformers.__version__.split(".")[0]) < 5:
+        assert "custom code" not in tok["stdout"] and "model of type" not in tok["log"], tok
+    else:
+        assert "Traceback" not in tok["log"]  # loads after transformers' own prompt (see the docstring)
+
+
+def test_config_reads_old_rope_keys_and_writes_rope_parameters(tmp_path):
+    """Old config.json (top-level rope_theta / rope_scaling, as earlier exports and E5-RoPE write) still loads;
+    saving writes transformers 5's rope_parameters (PI = "linear", dynamic NTK = "dynamic")."""
+    from ropebert.model import RopeBertConfig
+    from tests.conftest import tiny_config
+
+    RopeBertModel(tiny_config()).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for old, rp in [
+        ({"rope_theta": 50000.0, "rope_scaling": {"type": "pi", "factor": 4.0}},
+         {"rope_type": "linear", "rope_theta": 50000.0, "factor": 4.0}),
+        ({"rope_theta": 20000.0, "rope_scaling": {"type": "dynamic_ntk", "factor": 2.0}},
+         {"rope_type": "dynamic", "rope_theta": 20000.0, "factor": 2.0}),
+        ({"rope_theta": 30000.0, "rope_scaling": None}, {"rope_type": "default", "rope_theta": 30000.0}),
+        ({"rope_theta": 10000.0, "rope_scaling": {"type": "pi", "factor": "auto"}},
+         {"rope_type": "linear", "rope_theta": 10000.0, "factor": "auto"}),
+    ]:
+        legacy = {k: v for k, v in cfg.items() if k != "rope_parameters"} | old
+        (tmp_path / "config.json").write_text(json.dumps(legacy))
+        m = load_source(str(tmp_path))
+        assert m.config.rope_theta == old["rope_theta"] and m.config.rope_scaling == old["rope_scaling"]
+        assert m.config.to_dict()["rope_parameters"] == rp and "rope_scaling" not in m.config.to_dict()
+        new = RopeBertConfig.from_dict({k: v for k, v in legacy.items() if k not in ("rope_theta", "rope_scaling")}
+                                       | {"rope_parameters": rp})
+        assert (new.rope_theta, new.rope_scaling) == (old["rope_theta"], old["rope_scaling"])
+    with pytest.raises(ValueError, match="unknown type 'yarn'"):
+        RopeBertConfig(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4})

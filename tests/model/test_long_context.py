@@ -48,6 +48,9 @@ def _hidden(model, ids, mask, **kw):
         (dict(rope_scaling={"type": "dynamic_ntk", "factor": 0}), "factor"),
         (dict(position_mode="grouped"), "position_mode"),
         (dict(position_scale=0), "position_scale"),
+        (dict(position_scale="half"), "position_scale"),
+        (dict(rope_scaling={"type": "dynamic_ntk", "factor": "auto"}), "factor"),
+        (dict(rope_scaling={"type": "pi", "factor": "Auto"}), "factor"),
         (dict(attn_scale_base=1), "attn_scale_base"),
         (dict(original_max_position_embeddings=0), "original_max_position_embeddings"),
         (dict(rope_theta=-5.0), "rope_theta"),
@@ -96,10 +99,16 @@ def test_keys_round_trip_through_config_json(tmp_path):
     )
     RopeBertConfig(**keys).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert {k: saved[k] for k in keys} == keys
+    rope = ("rope_theta", "rope_scaling")  # written in transformers 5's rope_parameters convention
+    assert {k: saved[k] for k in keys if k not in rope} == {k: v for k, v in keys.items() if k not in rope}
+    assert saved["rope_parameters"] == {"rope_type": "dynamic", "rope_theta": 50000.0, "factor": 4.0}
     loaded = RopeBertConfig.from_pretrained(tmp_path)
     assert {k: getattr(loaded, k) for k in keys} == keys
     assert RopeBertConfig().attn_scale_base == 512 and RopeBertConfig().rope_scaling is None
+    auto = dict(rope_scaling={"type": "pi", "factor": "auto"}, position_mode="gp", position_scale="auto")
+    RopeBertConfig(**auto).save_pretrained(tmp_path)  # "auto" factors are valid and round-trip
+    loaded = RopeBertConfig.from_pretrained(tmp_path)
+    assert {k: getattr(loaded, k) for k in auto} == auto
 
 
 # ---- each method against an independent formulation ----------------------------------------------------------
@@ -271,14 +280,16 @@ def test_pcw_chunks_and_averages(minilm_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(minilm_dir))
-    m = _model(vocab_size=tok.vocab_size, max_position_embeddings=16)  # chunks of 14 tokens
+    m = _model(vocab_size=tok.vocab_size, max_position_embeddings=16)
     text = " ".join(f"word{i}" for i in range(20))
     body = tok(text, add_special_tokens=False)["input_ids"]
-    n = len(body)
-    assert n > 28 and n % 14 != 0
-    starts = list(range(0, n - 14, 14)) + [n - 14]
     pre = tok("passage: ", add_special_tokens=False)["input_ids"]
-    chunks = [[tok.cls_token_id] + pre + body[s : s + 14] + [tok.sep_token_id] for s in starts]
+    c = 16 - 2 - len(pre)  # body tokens per chunk: [CLS] prefix chunk [SEP] fills the 16 trained positions
+    n = len(body)
+    assert n > 2 * c and n % c != 0
+    starts = list(range(0, n - c, c)) + [n - c]
+    chunks = [[tok.cls_token_id] + pre + body[s : s + c] + [tok.sep_token_id] for s in starts]
+    assert {len(x) for x in chunks} == {16}
     with torch.no_grad():
         embs = [m.embed(torch.tensor([c]), normalize=False)[0] for c in chunks]
     want = torch.nn.functional.normalize(torch.stack(embs).mean(0), dim=-1)
@@ -289,9 +300,10 @@ def test_pcw_chunks_and_averages(minilm_dir):
     assert (got[1] - short[0]).abs().max() <= 1e-5  # one chunk == the plain encoding
 
 
-def test_pcw_uses_510_token_chunks_for_a_512_model(minilm_dir):
-    """PCW for a model trained at 512 tokens: 510-token chunks, the last chunk the final 510 tokens, each chunk
-    [CLS] passage: chunk [SEP], unnormalised chunk embeddings averaged, then L2-normalised."""
+def test_pcw_chunks_fit_the_trained_length_of_a_512_model(minilm_dir):
+    """PCW for a model trained at 512 tokens: each chunk, [CLS] passage: chunk [SEP], is at most 512 tokens
+    (512 - 2 - prefix body tokens), the last chunk the final such tokens, unnormalised chunk embeddings averaged,
+    then L2-normalised."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(minilm_dir))
@@ -300,14 +312,18 @@ def test_pcw_uses_510_token_chunks_for_a_512_model(minilm_dir):
     text = " ".join(f"token{i % 97} word{i}" for i in range(100)) + " same" * 700
     body = tok(text, add_special_tokens=False)["input_ids"]
     n = len(body)
-    assert 1020 < n and n % 510 != 0, n
     ids_list, owner = m._pcw_chunks([text], tok, "passage: ")
     pre = tok("passage: ", add_special_tokens=False)["input_ids"]
-    starts = list(range(0, n - 510, 510)) + [n - 510]
-    assert len(starts) == 3 and starts[-1] < 1020  # the last chunk overlaps the previous one
-    want_chunks = [[tok.cls_token_id] + pre + body[s0 : s0 + 510] + [tok.sep_token_id] for s0 in starts]
+    c = 512 - 2 - len(pre)
+    assert len(pre) >= 1 and 2 * c < n and n % c != 0, n
+    assert max(len(x) for x in ids_list) == 512  # everything included, a chunk fits the trained length
+    starts = list(range(0, n - c, c)) + [n - c]
+    assert len(starts) == 3 and starts[-1] < 2 * c  # the last chunk overlaps the previous one
+    want_chunks = [[tok.cls_token_id] + pre + body[s0 : s0 + c] + [tok.sep_token_id] for s0 in starts]
     assert ids_list == want_chunks and owner.tolist() == [0, 0, 0]
-    assert ids_list[-1][1 + len(pre) : -1] == body[-510:]
+    assert ids_list[-1][1 + len(pre) : -1] == body[-c:]
+    no_prefix, _ = m._pcw_chunks([text], tok, "")
+    assert {len(x) for x in no_prefix} == {512}
     with torch.no_grad():
         embs = torch.stack([m.embed(torch.tensor([c]), normalize=False)[0] for c in want_chunks])
     want = torch.nn.functional.normalize(embs.mean(0), dim=-1)
@@ -353,7 +369,8 @@ def test_exported_dir_applies_edited_long_context_keys(exported_tiny, edit, tmp_
     bad_edits = BAD_EDITS if "rope_theta" in edit else []  # load-time config errors: checked once
     res = run_fresh_reload(d, {"input_ids": ids.tolist(), "bad_config_edits": [e for e, _ in bad_edits]})
     assert res["ropebert_imported"] is False
-    assert res["theta"] == cfg["rope_theta"] and res["self_extend"] == cfg["self_extend"]
+    theta = cfg.get("rope_theta", cfg["rope_parameters"]["rope_theta"])  # an edited old key wins
+    assert res["theta"] == theta and res["self_extend"] == cfg["self_extend"]
     assert len(res["bad_config_errors"]) == len(bad_edits)
     for (bad, match), err in zip(bad_edits, res["bad_config_errors"]):
         assert err is not None and re.search(match, err), (bad, err)

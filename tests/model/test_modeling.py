@@ -111,7 +111,8 @@ def test_rotate_half_pairing_and_inv_freq():
 
     D = 8
     inv = rope_inv_freq(D, 10000.0)
-    assert torch.allclose(inv, 1.0 / 10000.0 ** (torch.arange(0, D, 2).float() / D))
+    assert inv.dtype == torch.float64  # the angles are formed in fp64 (see the 32k-position test)
+    assert torch.allclose(inv, 1.0 / 10000.0 ** (torch.arange(0, D, 2).double() / D))
     x = torch.zeros(1, 1, D)
     x[..., 0] = 1.0  # unit vector on dim 0 rotates into dim 0 + D/2 (rotate-half), not dim 1 (interleaved)
     cos, sin = rope_cos_sin(torch.tensor([1.0]), inv)
@@ -119,6 +120,32 @@ def test_rotate_half_pairing_and_inv_freq():
     assert torch.allclose(y[0, 0, 0], torch.cos(torch.tensor(1.0)))
     assert torch.allclose(y[0, 0, D // 2], torch.sin(torch.tensor(1.0)))
     assert y[0, 0, 1].item() == 0.0
+
+
+@pytest.mark.parametrize("theta", [1e4, 1e5, 1e6])
+def test_rope_angles_within_1e5_of_fp64_to_32k_positions(theta):
+    """rope_cos_sin and rope_torch (through AttentionContext, as the model calls them) against fp64 cos/sin of the
+    exact angles p * inv_freq, p up to 32,767, integer and PI-interpolated (p / 3 via the config) positions."""
+    from ropebert.model import rope_cos_sin, rope_inv_freq
+    from ropebert.model.modeling_ropebert import AttentionContext, long_context_positions, rope_torch
+
+    D = 64
+    inv64 = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+    pos = torch.arange(32768)[None]  # (1, L)
+    pi = RopeBertConfig(max_position_embeddings=512, rope_scaling={"type": "pi", "factor": 3.0})
+    for p in (pos, long_context_positions(pos, pi, torch.tensor([32768]))):
+        a = p[0].double()[:, None] * inv64
+        want_cos, want_sin = torch.cat((a.cos(), a.cos()), -1), torch.cat((a.sin(), a.sin()), -1)
+        cos, sin = rope_cos_sin(p[0], rope_inv_freq(D, theta))
+        assert cos.dtype == torch.float32
+        assert (cos.double() - want_cos).abs().max() <= 1e-5 and (sin.double() - want_sin).abs().max() <= 1e-5
+        ctx = AttentionContext(packed=False, positions=p, inv_freq=rope_inv_freq(D, theta), seqlens=None, scale=1.0,
+                               dropout_p=0.0)
+        q = torch.cat((torch.ones(1, p.shape[1], 1, D // 2), torch.zeros(1, p.shape[1], 1, D // 2)), -1)
+        rq, _ = rope_torch(q, q, ctx)  # rotate-half of (1, 0): (cos, sin) of each angle
+        got = rq[0, :, 0].double()
+        assert (got[:, : D // 2] - want_cos[:, : D // 2]).abs().max() <= 1e-5
+        assert (got[:, D // 2 :] - want_sin[:, : D // 2]).abs().max() <= 1e-5
 
 
 def test_relative_position_invariance():

@@ -9,6 +9,8 @@ import torch
 
 from ropebert.pipelines.eval.longembed import (
     FILLER,
+    FIRST_NAMES,
+    LAST_NAMES,
     evaluate_tasks,
     generate_needle,
     generate_passkey,
@@ -46,13 +48,30 @@ def test_passkey_documents_token_counts_needles_and_seed(tokenizer):
             assert doc.replace(t.needles[i], "").split() == (FILLER.split() * 10000)[: len(doc.split()) - len(t.needles[i].split())]
         for i, name in enumerate(names):  # query i asks for the name of gold doc i
             assert f"{name}'s pass key" in t.docs[i]
-        assert len({d.split("'s pass key")[0].split()[-1] for d in t.docs}) == 10  # distinct names
+        full = [" ".join(d.split("'s pass key")[0].split()[-2:]) for d in t.docs]  # "First Last"
+        assert len(set(full)) == 10  # distinct full names within a length
+        assert all(len(n.split()) == 2 and n.split()[0] in FIRST_NAMES and n.split()[1] in LAST_NAMES for n in full)
+        assert all(t.needles[i].startswith(f"{full[i]}'s pass key is ") for i in range(10))
+        assert names == full[:5]
     again = generate_passkey(LENGTHS, num_queries=5, num_docs=10, seed=3, tokenizer=tokenizer)
     assert [t.docs for t in again] == [t.docs for t in tasks] and [t.queries for t in again] == [t.queries for t in tasks]
     other = generate_passkey(LENGTHS, num_queries=5, num_docs=10, seed=4, tokenizer=tokenizer)
     assert [t.docs for t in other] != [t.docs for t in tasks]
     depths = [d for t in tasks for d in t.depths]
     assert min(depths) < 0.3 and max(depths) > 0.7  # needles at varied depths
+
+
+def test_passkey_full_names_seeded_and_distinct_per_length():
+    """LEMBPasskeyRetrieval's naming: "what is the passkey for Joyce Jenkins?", needle "Joyce Jenkins's pass key is
+    ..."; 100 documents per length get 100 distinct first + last names, reproducible from the seed."""
+    tasks = generate_passkey([256, 512], num_queries=50, num_docs=100, seed=0)
+    for t in tasks:
+        names = [n.split("'s pass key is ")[0] for n in t.needles]
+        assert len(set(names)) == 100
+        assert all(len(n.split()) == 2 and n.split()[0] in FIRST_NAMES and n.split()[1] in LAST_NAMES for n in names)
+        assert t.queries == [f"what is the passkey for {n}?" for n in names[:50]]
+    assert [t.needles for t in generate_passkey([256, 512], 50, 100, seed=0)] == [t.needles for t in tasks]
+    assert tasks[0].needles != tasks[1].needles  # drawn per length
 
 
 def test_passkey_without_tokenizer_uses_075_words_per_token():
