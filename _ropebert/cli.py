@@ -25,6 +25,7 @@ COMMANDS: Table = {
     "shards": ("ropebert.shards.build:main", "build / inspect / verify webdataset shards (+ manifest.json)"),
     "fit": ("ropebert.pipelines.train.fit:main", "train (LightningCLI): stage 1 / stage 2 contrastive, multi-node, exact resume"),
     "mine": ("ropebert.pipelines.mine.negatives:main", "mine hard negatives with a model and write stage-2 shards"),
+    "score": ("ropebert.pipelines.mine.score:main", "re-score stage-2 shards with a teacher (re-ranker logits or cosine)"),
     "export": ("ropebert.model.export:main", "export a model dir / checkpoint to a Hugging Face directory (--verify)"),
     "eval": ("ropebert.pipelines.eval.cli:main", "evaluate: retrieval (BEIR), passkey, needle (LongEmbed-style)"),
     "similarity": ("ropebert.pipelines.eval.similarity:main", "embed texts with a model and print a cosine-similarity table"),

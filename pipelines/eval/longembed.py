@@ -45,7 +45,7 @@ from ropebert.shards.beir import load_objects, read_qrels
 
 from .metrics import accuracy_at_1
 from .report import accuracy_heatmap, length_label, markdown_table, write_json
-from .retrieval import add_encode_args
+from .retrieval import EncodeSettings, SentenceTransformerEncoder, add_encode_args, short_path
 
 logger = logging.getLogger(__name__)
 
@@ -363,6 +363,9 @@ def _main(task_name: str, argv: Optional[list[str]]) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-length", type=int, default=None,
                     help="truncate documents to this many tokens (default: none, documents are fed whole)")
+    ap.add_argument("--baseline", action="append", default=[], metavar="st:DIR",
+                    help="also evaluate a sentence-transformers model (e.g. the APE parent) on the same documents, "
+                         "truncated to its own max_seq_length (at most 512 tokens: an APE model's range); repeatable")
     if task_name == "needle":
         ap.add_argument("--msmarco", default="../shared/data/msmarco", help="BEIR MS MARCO dir (needles, queries)")
         ap.add_argument("--pg", default="../shared/data/pg", help="dir with the Paul Graham corpus.jsonl (haystack)")
@@ -399,6 +402,23 @@ def _main(task_name: str, argv: Optional[list[str]]) -> int:
             presets[str(n)] = {**cfg_updates, **enc_kw}
         results.append({"method": m, "metrics": r, "wall_time_s": round(time.perf_counter() - t1, 3),
                         "presets": presets})
+    for spec in args.baseline:
+        if not spec.startswith("st:"):
+            raise InputError(f"--baseline {spec!r}: expected st:DIR (a sentence-transformers model)")
+        t1 = time.perf_counter()
+        enc = SentenceTransformerEncoder(spec[3:], EncodeSettings(batch_size=args.batch_size, device=args.device,
+                                                                  show_progress_bar=not args.no_progress))
+        limit = min(512, int(enc.model.max_seq_length or 512))
+        per_len = {}
+        for task in tasks:
+            q = enc.encode(task.queries, "query", max_length=limit)
+            d = enc.encode(task.docs, "passage", max_length=limit)
+            per_len[str(task.length)] = accuracy_at_1(q @ d.T, task.gold)
+        label = f"{short_path(spec[3:])} (truncated at {limit})"
+        results.append({"method": label, "baseline": spec, "max_seq_length": limit,
+                        "metrics": {"acc@1": per_len, "acc@1_avg": sum(per_len.values()) / len(per_len)},
+                        "wall_time_s": round(time.perf_counter() - t1, 3)})
+        logger.info("%s %s: %s", task_name, label, per_len)
     out = {
         "task": task_name,
         "model": args.model,
@@ -422,7 +442,7 @@ def _main(task_name: str, argv: Optional[list[str]]) -> int:
         write_json(out, args.output)
     if args.plot:
         acc = [[r["metrics"]["acc@1"][str(n)] for n in lengths] for r in results]
-        accuracy_heatmap(methods, lengths, acc, args.plot, title=f"{task_name} Acc@1 (%) — {'/'.join(Path(args.model).parts[-2:])}")
+        accuracy_heatmap([r["method"] for r in results], lengths, acc, args.plot, title=f"{task_name} Acc@1 (%) — {'/'.join(Path(args.model).parts[-2:])}")
         print(f"wrote {args.plot}")
     return 0
 

@@ -282,7 +282,8 @@ def mine(args) -> dict:
     }
     if args.format == "beir":
         source.update(beir_split=args.beir_split, min_grade=args.min_grade, corpus_limit=args.corpus_limit)
-    m = write_manifest(out, kind="hard_negatives", shards=shards, source=source, skipped=skips.as_dict())
+    m = write_manifest(out, kind="hard_negatives", shards=shards, source=source, skipped=skips.as_dict(),
+                       extra={"score_kind": "cosine", "score_teacher": {"path": str(args.model)}})
     for p in (out / STATE, cache):
         if p.exists():
             os.remove(p)
