@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import io
+import json
 import os
 import shutil
 import sys

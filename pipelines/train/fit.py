@@ -35,7 +35,6 @@ warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks 
 from .module import RopeBertContrastive
 from .strategy import AtomicCheckpointIO, check_checkpoint_readable  # also registers the ropebert_ddp strategy name
 
-
 # settings a resume cannot apply: the checkpoint's weights / parameters win, so a change is refused
 RESUME_REFUSED = ("init_from", "stage", "learn_temperature")
 # optimizer settings: the restored optimizer state would keep the old values, so they are applied explicitly
