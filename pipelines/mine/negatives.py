@@ -233,8 +233,8 @@ def _open_work_dir(out: Path, src: Path, fp: str, args, skips: SkipCounter):
                     break
             state = dict(old, shards=good, on_error=args.on_error)
             print(f"mine: resuming the unfinished run in {work}, {len(good)} finished shard(s) kept", file=sys.stderr)
-        elif args.overwrite:
-            shutil.rmtree(work)
+        elif args.overwrite or old is None or not old["shards"]:
+            shutil.rmtree(work)  # --overwrite, or an unfinished run that finished nothing: nothing is lost
         else:
             raise FileExistsError(f"mine: {work} holds an unfinished mining run with other arguments (model, input, "
                                   "top-k, guard, ...); rerun with the same arguments to continue it, or pass "
@@ -262,10 +262,11 @@ def mine(args) -> dict:
         raise InputError(f"{src}: no queries with a positive to mine for")
     out = Path(args.out)
     fp = _fingerprint(args, len(items), corpus_ids)
-    od, work, state = _open_work_dir(out, src, fp, args, skips)
-
+    check_not_inside(out, src, "mine")
+    OutputDir(out, what="mine", overwrite=args.overwrite, owned=shards_owned).check()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_source(args.model).to(device).eval()
+    model = load_source(args.model).to(device).eval()  # a bad --model fails before anything is written
+    od, work, state = _open_work_dir(out, src, fp, args, skips)
     enc = dict(batch_size=args.batch_size, max_length=args.max_length, device=device,
                show_progress_bar=not args.no_progress)
     cache = work / CACHE

@@ -126,7 +126,7 @@ def unreadable_checkpoint(path: Path, e: BaseException) -> UserError:
     intact = newest_intact_checkpoint(path.parent, exclude=path)
     hint = (f"; the newest intact checkpoint there is {intact} (resume with --ckpt_path {intact})" if intact
             else "; no intact checkpoint is left beside it")
-    detail = (str(e).splitlines() or [""])[0][:160]
+    detail = (str(e).splitlines() or [""])[0].split(". ")[0][:160]
     return UserError(f"{path}: cannot read the checkpoint, it is truncated or corrupt ({type(e).__name__}: "
                      f"{detail}){hint}")
 

@@ -88,12 +88,23 @@ def test_unfinished_run_with_other_arguments_and_bad_state(tmp_path, tiny_model,
 
     src, out = tmp_path / "pairs", tmp_path / "mined"
     make_pair_shards(src, [6, 5])
-    monkeypatch.setattr(mine_mod, "pick_negatives", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    # a run that fails before mining anything (a bad --model) leaves nothing that blocks the next one
+    assert cli(_args(tmp_path / "no-such-model", src, out)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs"]
+    real, calls = mine_mod.pick_negatives, {"n": 0}
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the first chunk (4 queries) is finished
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(mine_mod, "pick_negatives", flaky)
     with pytest.raises(KeyboardInterrupt):
         cli(_args(tiny_model, src, out))
     monkeypatch.undo()
     work = tmp_path / ".mined.mining"
-    assert json.loads((work / "mine_state.json").read_text())["shards"] == []
+    assert len(json.loads((work / "mine_state.json").read_text())["shards"]) == 1
     assert not [p for p in work.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave no temp files
     assert cli(_args(tiny_model, src, out, "--seed", "5")) == 1
     err = capsys.readouterr().err
