@@ -9,6 +9,7 @@ or an OSError (a missing file, a full or read-only disk) escaping a command is p
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -17,6 +18,7 @@ from typing import Optional
 
 from . import __version__
 from .errors import InputError, UserError
+from .io import no_space_message
 
 Table = dict[str, tuple[str, str]]
 
@@ -78,6 +80,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if os.environ.get("ROPEBERT_DEBUG"):
             raise
         cmd = argv[0] if argv else ""
+        if isinstance(e, OSError) and not isinstance(e, UserError) and e.errno == errno.ENOSPC:
+            e = UserError(no_space_message(e, e.filename or "the output"))
         msg = str(e) if not isinstance(e, OSError) or isinstance(e, UserError) or not e.strerror else (
             f"{e.strerror}: {e.filename}" if e.filename else str(e))
         print(f"ropebert {cmd}: error: {msg}", file=sys.stderr)

@@ -49,6 +49,24 @@ def remove_stale_siblings(out: Path) -> list[Path]:
     return removed
 
 
+def atomic_write_bytes(path: os.PathLike | str, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, fsync it and rename it over `path`: a reader sees the old
+    or the new content, never a truncated file (kill -9, full disk). The temporary file never outlives a failure."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise UserError(no_space_message(e, path)) from None
+        raise
+
+
 def marker_owned(marker: str) -> Callable[[Path], Optional[set]]:
     """`owned` for outputs that carry a JSON marker {"files": [...]}: the marker and the entries it lists."""
 
@@ -139,6 +157,20 @@ class OutputDir:
             raise UserError(f"{self.what}: cannot write {getattr(exc, 'filename', None) or self.out}: "
                             f"{exc.strerror}") from None
         return False
+
+    def commit(self, tmp: Path) -> None:
+        """Swap a directory the caller filled itself (e.g. a restartable work directory beside `out`) in as
+        `out`, after the same checks; the no-space / read-only errors are one line, and `tmp` is kept."""
+        self.tmp = Path(tmp)
+        try:
+            self._swap()
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise UserError(f"{self.what}: {no_space_message(e, self.out)} (nothing was replaced)") from None
+            if e.errno in (errno.EROFS, errno.EACCES):
+                raise UserError(f"{self.what}: cannot write {getattr(e, 'filename', None) or self.out}: "
+                                f"{e.strerror}") from None
+            raise
 
     def _swap(self) -> None:
         out, tmp = self.out, self.tmp

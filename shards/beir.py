@@ -205,7 +205,7 @@ def judged_pairs(beir: BeirDir, min_grade: int = 1) -> Iterator[Union[Record, Ba
             continue
         yield Record(sanitize_key(f"{j.qid}-{j.did}"), {"query": q, "positive": p,
                                                         "meta": {"qid": j.qid, "doc_id": j.did, "grade": j.grade}},
-                     j.where)
+                     j.where, f"{j.qid}-{j.did}")
 
 
 def write_beir(out: str | Path, corpus: Iterable[dict], queries: Iterable[dict],

@@ -5,23 +5,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from ropebert.cli import dispatch
 from ropebert.errors import InputError
+from ropebert.io import OutputDir, check_not_inside
 
 from .format import (
     MANIFEST,
+    MAX_KEY_LEN,
     ShardWriter,
     iter_shard,
     load_manifest,
     manifest_hash,
     parse_size,
     shard_path,
+    shards_owned,
     verify_shards,
     write_manifest,
 )
@@ -50,14 +52,19 @@ class SkipCounter:
         return {"count": self.count, "by_reason": dict(sorted(self.by_reason.items())), "examples": self.examples}
 
 
-def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"output directory {out} is not empty (pass --overwrite to replace it)")
-        if not (out / MANIFEST).is_file() and not all(p.name.startswith("shard-") for p in out.iterdir()):
-            raise FileExistsError(f"refusing to --overwrite {out}: it does not look like a shard directory")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+def prepare_out_dir(out: Path, overwrite: bool, inputs: Sequence[str] = (), what: str = "shards build") -> OutputDir:
+    """The OutputDir a shard-writing command writes through: checked now (before any input is read), written
+    into a temporary sibling and swapped in when complete. `--overwrite` replaces only a previous shard
+    output (manifest.json + the shard files it lists, nothing else); an input directory is never the output
+    nor inside it, and an input file is never inside the output."""
+    od = OutputDir(out, what=what, overwrite=overwrite, owned=shards_owned)
+    for p in inputs:
+        if Path(p).is_dir():
+            check_not_inside(out, p, what)
+        elif Path(p).exists() and (out.resolve() == Path(p).resolve() or out.resolve() in Path(p).resolve().parents):
+            raise InputError(f"{what}: --input {p} is inside --out {out}; write the output elsewhere")
+    od.check()
+    return od
 
 
 def build_shards(fmt: str, inputs: list[str], out_dir: str, opts: Optional[SourceOptions] = None, *,
@@ -67,13 +74,24 @@ def build_shards(fmt: str, inputs: list[str], out_dir: str, opts: Optional[Sourc
     input when on_error == "fail"; with "skip" bad inputs are counted (manifest["skipped"])."""
     if on_error not in ("fail", "skip"):
         raise InputError(f"--on-error must be fail or skip, got {on_error!r}")
+    if maxcount < 1:
+        raise InputError(f"--maxcount must be >= 1, got {maxcount}")
+    if maxsize is not None and maxsize < 1:
+        raise InputError(f"--maxsize must be >= 1 byte, got {maxsize}")
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be >= 1, got {limit}")
     opts = opts or SourceOptions()
     desc, items = open_source(fmt, inputs, opts)
-    out = Path(out_dir)
-    prepare_out_dir(out, overwrite)
+    od = prepare_out_dir(Path(out_dir), overwrite, inputs if fmt != "docstrings" else ())
+    with od as tmp:
+        return _build_into(tmp, fmt, inputs, desc, items, opts, maxcount=maxcount, maxsize=maxsize,
+                           on_error=on_error, limit=limit, progress=progress)
+
+
+def _build_into(out: Path, fmt, inputs, desc, items, opts, *, maxcount, maxsize, on_error, limit, progress) -> dict:
     writer = ShardWriter(out, maxcount=maxcount, maxsize=maxsize)
     skips = SkipCounter()
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, Optional[str]]] = {}
     kind = "hard_negatives" if opts.negatives_field else "pairs"
     bar = None
     if progress:
@@ -88,14 +106,30 @@ def build_shards(fmt: str, inputs: list[str], out_dir: str, opts: Optional[Sourc
                     raise InputError(item.message() + " (pass --on-error skip to count and skip bad inputs)")
                 skips.add(item.message(), item.reason)
                 continue
+            bad = None
             if item.key in seen:
-                bad = Bad(item.where, "duplicate key", f"{item.key!r} first seen at {seen[item.key]}")
+                first, first_raw = seen[item.key]
+                if item.raw_key is not None and first_raw is not None and item.raw_key != first_raw:
+                    bad = Bad(item.where, "key collision",
+                              f"id {item.raw_key!r} and id {first_raw!r} ({first}) both map to the sample key "
+                              f"{item.key!r} (keys keep only [A-Za-z0-9_-:@+=,]); make the ids differ in those characters")
+                else:
+                    bad = Bad(item.where, "duplicate key", f"{item.key!r} first seen at {first}")
+            elif len(item.key) > MAX_KEY_LEN:
+                bad = Bad(item.where, "key too long", f"{len(item.key)} characters, a tar member name allows "
+                          f"{MAX_KEY_LEN}; shorten the ids")
+            else:
+                try:
+                    writer.write(item.key, item.sample)
+                except UnicodeEncodeError as e:
+                    bad = Bad(item.where, "invalid Unicode", f"lone surrogate {e.object[e.start:e.end]!r} in the "
+                              "text (a \\ud800-style escape that is not half of a pair); fix or remove the record")
+            if bad is not None:
                 if on_error == "fail":
                     raise InputError(bad.message() + " (pass --on-error skip to count and skip bad inputs)")
                 skips.add(bad.message(), bad.reason)
                 continue
-            seen[item.key] = item.where
-            writer.write(item.key, item.sample)
+            seen[item.key] = (item.where, item.raw_key)
             n += 1
             if bar is not None:
                 bar.update(1)
@@ -205,7 +239,7 @@ def verify_main(argv: list[str]) -> int:
     if problems:
         for p in problems:
             print(f"BAD {p}", file=sys.stderr)
-        print(f"verify: {len(problems)} of {len(m['shards'])} shards failed", file=sys.stderr)
+        print(f"verify: {len(problems)} problem(s) found, {len(m['shards'])} shards listed", file=sys.stderr)
         return 1
     print(f"verify: OK — {len(m['shards'])} shards, {m['total_samples']} samples match {MANIFEST}")
     return 0

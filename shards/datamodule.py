@@ -106,6 +106,11 @@ class BatchCollator:
             if all(isinstance(s.get("scores"), list) and len(s["scores"]) >= 1 + K for _, s, _ in samples):
                 batch["teacher_scores"] = torch.tensor([s["scores"][: 1 + K] for _, s, _ in samples],
                                                        dtype=torch.float32)  # (B, 1+K)
+                bad = (~torch.isfinite(batch["teacher_scores"])).any(-1).nonzero().flatten().tolist()
+                if bad:
+                    key, _, where = samples[bad[0]]
+                    raise InputError(f"{where}:{key}: non-finite teacher scores {samples[bad[0]][1]['scores'][: 1 + K]}"
+                                     " (rebuild the shards: `ropebert shards build` refuses them)")
         return batch
 
 
@@ -385,11 +390,29 @@ class ShardDataModule(L.LightningDataModule):
             new_done = (done * self.batches_per_rank) // max(1, old_total)
             logger.warning("ShardDataModule: re-planning (%s); epoch %d continues at batch %d of %d instead of %d of %d",
                            "; ".join(diff), epoch, new_done, self.batches_per_rank, done, old_total)
+            self._align_loop_progress(new_done - done)
             done = new_done
         if done >= self.batches_per_rank:
             epoch, done = epoch + 1, 0
         self._pending = (epoch, done)
         self._epoch, self._yielded, self._next_epoch = epoch, done, epoch
+
+    def _align_loop_progress(self, delta: int) -> None:
+        """After a re-plan the epoch continues at another batch index: move the batch counters of the checkpoint
+        being restored by the same amount, so Lightning's progress (what the cursor of the next checkpoint and
+        the sample log count from, and where Lightning ends the epoch) matches the batches actually used."""
+        t = self._trainer_or_none()
+        ckpt = getattr(getattr(t, "_checkpoint_connector", None), "_loaded_checkpoint", None) if t is not None else None
+        try:
+            current = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
+        except (KeyError, TypeError):
+            if t is not None and getattr(t.state, "fn", None) == "fit":
+                logger.warning("ShardDataModule: re-plan without Lightning loop state in the checkpoint; the "
+                               "progress counter may not match the re-planned cursor")
+            return
+        for k in ("ready", "started", "processed", "completed"):
+            if k in current:
+                current[k] = max(0, int(current[k]) + delta)
 
     def _begin_epoch(self) -> tuple[int, int]:
         t = self._trainer_or_none()

@@ -37,6 +37,7 @@ FORMAT_VERSION = 1
 KINDS = ("pairs", "hard_negatives")
 SHARD_PATTERN = "shard-{:06d}.tar"
 KEY_RE = re.compile(r"^[A-Za-z0-9_\-:@+=,]+$")
+MAX_KEY_LEN = 100 - len(".json")  # a USTAR member name holds 100 bytes (keys have no '/' to split on)
 
 SCHEMAS = {
     "pairs": {"member": "<key>.json", "fields": {"query": "str", "positive": "str", "meta": "object (optional)"}},
@@ -57,6 +58,8 @@ def check_key(key: str) -> str:
     """Raise ValueError unless `key` is a valid sample key (non-empty, no dots, no slashes, no spaces)."""
     if not isinstance(key, str) or not key or not KEY_RE.match(key):
         raise InputError(f"invalid sample key {key!r}: keys must be non-empty and use only [A-Za-z0-9_-:@+=,] (no dots)")
+    if len(key) > MAX_KEY_LEN:
+        raise InputError(f"sample key {key[:40]!r}... is {len(key)} characters; a tar member name allows {MAX_KEY_LEN}")
     return key
 
 
@@ -182,6 +185,20 @@ def write_manifest(out_dir: str | os.PathLike, *, kind: str, shards: list[dict],
     return manifest
 
 
+def shards_owned(d: Path) -> Optional[set]:
+    """What a shard directory's manifest says it holds (manifest.json + the relative shard files it lists), or
+    None when there is no readable ropebert manifest: the `owned` rule of `--overwrite` for shard outputs."""
+    path = Path(d) / MANIFEST
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME or not isinstance(m.get("shards"), list):
+        return None
+    urls = {s.get("url") for s in m["shards"] if isinstance(s, dict)}
+    return {MANIFEST} | {u for u in urls if isinstance(u, str) and "/" not in u and not os.path.isabs(u)}
+
+
 # -- reading ------------------------------------------------------------------------------------------------
 
 
@@ -243,10 +260,25 @@ def read_shard(path: str | os.PathLike) -> list[tuple[str, dict]]:
 
 
 def verify_shards(shard_dir: str | os.PathLike, manifest: Optional[dict] = None, progress: bool = False) -> list[str]:
-    """Re-read every shard against the manifest. Returns one problem line per bad shard (empty list = OK)."""
+    """Re-read every shard against the manifest. Returns one problem line per bad shard, per shard listed twice,
+    per shard file on disk the manifest does not list, and for wrong totals (empty list = OK)."""
     manifest = manifest or load_manifest(shard_dir)
     problems = []
     entries = manifest["shards"]
+    seen: dict = {}
+    for i, e in enumerate(entries):
+        p = shard_path(shard_dir, e).resolve()
+        if p in seen:
+            problems.append(f"{e['url']}: listed twice in {MANIFEST} (shards[{seen[p]}] and shards[{i}]): it would "
+                            "be read twice per epoch")
+        seen.setdefault(p, i)
+    for p in sorted(Path(shard_dir).glob("*.tar")):
+        if p.resolve() not in seen:
+            problems.append(f"{p.name}: shard file on disk but not listed in {MANIFEST} (it would be ignored)")
+    for field, what in (("total_samples", "samples"), ("total_bytes", "bytes")):
+        total = sum(e[what] for e in entries)
+        if manifest.get(field) != total:
+            problems.append(f"{MANIFEST}: {field} is {manifest.get(field)!r} but its shards hold {total} {what}")
     it = entries
     if progress:
         from tqdm.auto import tqdm

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 
 @dataclass
@@ -14,6 +14,7 @@ class Record:
     key: str
     sample: dict
     where: str  # "file:line" (or "package/module.py:line" for docstrings)
+    raw_key: Optional[str] = None  # the id the key was derived from (to tell a real duplicate from a collision)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import ast
 import hashlib
 import importlib.metadata
 import importlib.util
+import math
 import os
 import sys
 import sysconfig
@@ -64,18 +65,30 @@ def make_sample(obj: dict, opts: SourceOptions) -> dict:
         sample["negatives"] = negs[:k]
         if opts.scores_field:
             sc = obj.get(opts.scores_field)
-            if not isinstance(sc, list) or len(sc) < 1 + k or not all(isinstance(x, (int, float)) for x in sc[: 1 + k]):
+            if not isinstance(sc, list) or len(sc) < 1 + k:
                 raise BadField("bad teacher scores", f"{opts.scores_field!r} must be a list of >= {1 + k} numbers")
+            for i, x in enumerate(sc[: 1 + k]):
+                if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                    raise BadField("bad teacher scores", f"{opts.scores_field}[{i}] is {x!r}: teacher scores must be "
+                                   "finite numbers (no NaN, Infinity, strings or booleans)")
             sample["scores"] = [float(x) for x in sc[: 1 + k]]
     return sample
 
 
-def _key_from(obj: dict, opts: SourceOptions, fallback: str) -> str:
+def _key_from(obj: dict, opts: SourceOptions, fallback: str) -> tuple[str, Optional[str]]:
+    """(sample key, the id it was derived from): --key-field's value sanitised, or the file+line fallback."""
     if opts.key_field:
         if opts.key_field not in obj:
             raise BadField("missing field", repr(opts.key_field))
-        return sanitize_key(str(obj[opts.key_field]))
-    return fallback
+        raw = obj[opts.key_field]
+        if raw is None:
+            raise BadField("null key", f"{opts.key_field!r} is null")
+        if isinstance(raw, (dict, list)):
+            raise BadField("bad key", f"{opts.key_field!r} is a {type(raw).__name__}, not a string or number")
+        if not str(raw).strip():
+            raise BadField("empty key", f"{opts.key_field!r} is empty")
+        return sanitize_key(str(raw)), str(raw)
+    return fallback, None
 
 
 # -- JSONL ------------------------------------------------------------------------------------------------
@@ -91,8 +104,8 @@ def _jsonl(inputs: list[str], opts: SourceOptions):
                     continue
                 ln, where, obj = item
                 try:
-                    key = _key_from(obj if isinstance(obj, dict) else {}, opts, f"{fi:03d}_{stem}_{ln:09d}")
-                    yield Record(key, make_sample(obj, opts), where)
+                    key, raw = _key_from(obj if isinstance(obj, dict) else {}, opts, f"{fi:03d}_{stem}_{ln:09d}")
+                    yield Record(key, make_sample(obj, opts), where, raw)
                 except BadField as e:
                     yield Bad(where, e.reason, e.detail)
 
@@ -120,8 +133,8 @@ def _parquet(inputs: list[str], opts: SourceOptions):
                     row += 1
                     where = f"{path}:row {row}"
                     try:
-                        key = _key_from(obj, opts, f"{fi:03d}_{stem}_{row:09d}")
-                        yield Record(key, make_sample(obj, opts), where)
+                        key, raw = _key_from(obj, opts, f"{fi:03d}_{stem}_{row:09d}")
+                        yield Record(key, make_sample(obj, opts), where, raw)
                     except BadField as e:
                         yield Bad(where, e.reason, e.detail)
 
@@ -151,7 +164,8 @@ def _beir(inputs: list[str], opts: SourceOptions):
                 continue
             obj, where = x
             try:
-                yield Record(sanitize_key(obj["_id"]), {"query": text_field(obj, "title"), "positive": text_field(obj, "text")}, where)
+                yield Record(sanitize_key(obj["_id"]), {"query": text_field(obj, "title"), "positive": text_field(obj, "text")},
+                             where, str(obj["_id"]))
             except BadField as e:
                 yield Bad(where, e.reason, e.detail)
 
@@ -184,8 +198,8 @@ def _hf(inputs: list[str], opts: SourceOptions):
             for row, obj in enumerate(ds, 1):
                 where = f"{name}[{opts.hf_split}]:row {row}"
                 try:
-                    key = _key_from(obj, opts, f"{fi:03d}_{stem}_{row:09d}")
-                    yield Record(key, make_sample(obj, opts), where)
+                    key, raw = _key_from(obj, opts, f"{fi:03d}_{stem}_{row:09d}")
+                    yield Record(key, make_sample(obj, opts), where, raw)
                 except BadField as e:
                     yield Bad(where, e.reason, e.detail)
 

@@ -340,13 +340,18 @@ def evaluate_tasks(model, tasks: Sequence[SyntheticTask], method: str = "none", 
 
 
 def parse_lengths(spec: Optional[str]) -> list[int]:
-    if not spec:
+    """--lengths: None (not given) is the default sweep; anything given, the empty string included, must list
+    lengths (an empty value never silently means the whole 32k sweep)."""
+    if spec is None:
         return list(DEFAULT_LENGTHS)
     try:
         out = [int(x) for x in spec.replace(",", " ").split()]
     except ValueError:
         raise InputError(f"--lengths {spec!r}: expected integers like 256,512,1024") from None
-    if not out or any(n < 32 for n in out):
+    if not out:
+        raise InputError(f"--lengths {spec!r}: no lengths given; list them like 256,512,1024 (or leave --lengths "
+                         "out for the default sweep)")
+    if any(n < 32 for n in out):
         raise InputError(f"--lengths {spec!r}: every length must be >= 32 tokens")
     return out
 

@@ -15,16 +15,20 @@
 
 Inputs: a BEIR directory (queries.jsonl + qrels/<split>.tsv + corpus.jsonl) or a pair-shard directory
 (query -> positive; the corpus is every distinct positive). Output shards are written one chunk of queries at a
-time and recorded in mine_state.json; a restarted run with the same arguments verifies and keeps the finished
-shards and mines only the rest (corpus embeddings are cached in the output dir until the run completes).
+time into a work directory beside --out (`.OUT.mining`) and recorded in its mine_state.json (written atomically);
+a restarted run with the same arguments verifies and keeps the finished shards and mines only the rest (corpus
+embeddings are cached there too). When complete, the work directory is swapped in as --out in one rename: --out
+is never partial, never the input or inside it, and `--overwrite` replaces only a previous shard output.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -33,6 +37,7 @@ import numpy as np
 import torch
 
 from ropebert.errors import InputError
+from ropebert.io import OutputDir, atomic_write_bytes, check_not_inside
 from ropebert.model.load import load_source
 from ropebert.shards.beir import judged_pairs, passage_text, read_beir
 from ropebert.shards.build import SkipCounter
@@ -44,6 +49,7 @@ from ropebert.shards.format import (
     sanitize_key,
     sha256_file,
     shard_path,
+    shards_owned,
     write_manifest,
 )
 from ropebert.shards.records import Bad
@@ -144,11 +150,98 @@ def pick_negatives(key: str, cand_ids: list, cand_scores: list, pos_score: float
 
 
 def _fingerprint(args, n_queries: int, corpus_ids: list) -> str:
-    ident = {k: v for k, v in vars(args).items() if k not in ("overwrite", "no_progress", "out", "batch_size", "device")}
+    # on_error is not part of it: chunks finished under --on-error fail are what skip would have written (a
+    # failure stops before its chunk is written), so a restart may switch to skip as the failure advises
+    skip = ("overwrite", "no_progress", "out", "batch_size", "device", "on_error")
+    ident = {k: v for k, v in vars(args).items() if k not in skip}
     ident["model"] = str(Path(args.model).resolve())
     ident["n_queries"] = n_queries
     ident["corpus"] = hashlib.sha256("\n".join(corpus_ids).encode()).hexdigest()
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def work_dir(out: Path) -> Path:
+    """The restartable in-progress directory of `--out`: a stable hidden sibling, swapped in when complete."""
+    return out.parent / f".{out.name}.mining"
+
+
+def _write_state(work: Path, state: dict) -> None:
+    atomic_write_bytes(work / STATE, (json.dumps(state, indent=1) + "\n").encode())
+
+
+def _read_state(work: Path) -> dict:
+    path = work / STATE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("shards"), list):
+            raise ValueError("not a mining state")
+    except (ValueError, OSError) as e:
+        raise InputError(f"{path}: unreadable mining state ({e}); pass --overwrite to discard the unfinished run "
+                         f"in {work} and start over") from None
+    return state
+
+
+def _load_cache(cache: Path) -> Optional[dict]:
+    """The corpus-embedding cache of an unfinished run, or None (absent or unreadable: it is recomputed)."""
+    if not cache.is_file():
+        return None
+    try:
+        obj = torch.load(cache, weights_only=True)
+        return obj if isinstance(obj, dict) else None
+    except Exception as e:  # truncated by a crash of an older version, a bad disk: it is only a cache
+        print(f"mine: {cache} is unreadable ({type(e).__name__}); recomputing the corpus embeddings", file=sys.stderr)
+        return None
+
+
+def _ours(work: Path) -> bool:
+    return all(p.name in (STATE, CACHE, MANIFEST) or p.name.startswith("shard-") or p.name.endswith(".tmp")
+               for p in work.iterdir())
+
+
+def _open_work_dir(out: Path, src: Path, fp: str, args, skips: SkipCounter):
+    """Check --out (never the input or inside it; --overwrite only replaces a previous shard output) and open the
+    work directory: continue an unfinished run with the same arguments, or start a fresh one."""
+    od = OutputDir(out, what="mine", overwrite=args.overwrite, owned=shards_owned)
+    check_not_inside(out, src, "mine")
+    od.check()
+    work = work_dir(out)
+    state = {"fingerprint": fp, "on_error": args.on_error, "shards": [],
+             "skipped": {"by_reason": {}, "examples": []}}
+    if work.is_dir() and any(work.iterdir()):
+        if not _ours(work):
+            raise FileExistsError(f"mine: {work} holds files mining did not write; move them away")
+        try:
+            old = _read_state(work)
+        except InputError:
+            if not args.overwrite:
+                raise
+            old = None
+        if old is not None and old.get("fingerprint") == fp:
+            if old.get("on_error", "skip") == "skip" and args.on_error == "fail" and old["skipped"]["by_reason"]:
+                raise InputError(f"mine: the unfinished run in {work} skipped queries under --on-error skip "
+                                 f"({old['skipped']['by_reason']}); continue it with --on-error skip, or pass "
+                                 "--overwrite to start over")
+            good = []
+            for e in old["shards"]:  # keep finished shards that are intact, in order
+                if e["url"] is None:  # a chunk whose queries were all skipped
+                    good.append(e)
+                    continue
+                p = work / e["url"]
+                if p.is_file() and sha256_file(p) == e["sha256"]:
+                    good.append(e)
+                else:
+                    break
+            state = dict(old, shards=good, on_error=args.on_error)
+            print(f"mine: resuming the unfinished run in {work}, {len(good)} finished shard(s) kept", file=sys.stderr)
+        elif args.overwrite or old is None or not old["shards"]:
+            shutil.rmtree(work)  # --overwrite, or an unfinished run that finished nothing: nothing is lost
+        else:
+            raise FileExistsError(f"mine: {work} holds an unfinished mining run with other arguments (model, input, "
+                                  "top-k, guard, ...); rerun with the same arguments to continue it, or pass "
+                                  "--overwrite to discard it")
+    work.mkdir(parents=True, exist_ok=True)
+    _write_state(work, state)  # marks the dir as this run's (restartable) output
+    return od, work, state
 
 
 def mine(args) -> dict:
@@ -169,43 +262,22 @@ def mine(args) -> dict:
         raise InputError(f"{src}: no queries with a positive to mine for")
     out = Path(args.out)
     fp = _fingerprint(args, len(items), corpus_ids)
-    state = {"fingerprint": fp, "shards": [], "skipped": {"by_reason": {}, "examples": []}}
-    if out.exists() and any(out.iterdir()):
-        old = json.loads((out / STATE).read_text()) if (out / STATE).is_file() else None
-        if args.overwrite or old is None or old.get("fingerprint") != fp:
-            if not args.overwrite:
-                raise FileExistsError(f"{out} is not empty and is not an unfinished mining run with the same "
-                                      "arguments (pass --overwrite to replace it)")
-            for p in out.iterdir():
-                if p.name.startswith("shard-") or p.name in (MANIFEST, STATE, CACHE):
-                    p.unlink()
-        else:
-            good = []
-            for e in old["shards"]:  # keep finished shards that are intact, in order
-                if e["url"] is None:  # a chunk whose queries were all skipped
-                    good.append(e)
-                    continue
-                p = out / e["url"]
-                if p.is_file() and sha256_file(p) == e["sha256"]:
-                    good.append(e)
-                else:
-                    break
-            state = dict(old, shards=good)
-            print(f"mine: resuming, {len(good)} finished shard(s) kept", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / STATE).write_text(json.dumps(state, indent=1))  # marks the dir as this run's (restartable) output
-
+    check_not_inside(out, src, "mine")
+    OutputDir(out, what="mine", overwrite=args.overwrite, owned=shards_owned).check()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_source(args.model).to(device).eval()
+    model = load_source(args.model).to(device).eval()  # a bad --model fails before anything is written
+    od, work, state = _open_work_dir(out, src, fp, args, skips)
     enc = dict(batch_size=args.batch_size, max_length=args.max_length, device=device,
                show_progress_bar=not args.no_progress)
-    cache = out / CACHE
-    cached = torch.load(cache, weights_only=True) if cache.is_file() else None
+    cache = work / CACHE
+    cached = _load_cache(cache)
     if cached is not None and cached.get("fingerprint") == fp:
         c_emb = cached["emb"]
     else:
         c_emb = model.encode(corpus_texts, prefix=args.passage_prefix, **enc)  # (N, C)
-        torch.save({"fingerprint": fp, "emb": c_emb}, cache)
+        buf = io.BytesIO()
+        torch.save({"fingerprint": fp, "emb": c_emb}, buf)
+        atomic_write_bytes(cache, buf.getvalue())
     c_emb = c_emb.to(device)
     row_of = {d: i for i, d in enumerate(corpus_ids)}
 
@@ -230,7 +302,7 @@ def mine(args) -> dict:
         pos_rows = torch.tensor([row_of[p] for _, _, _, p in part], device=device)
         pos_scores = (q_emb * c_emb[pos_rows]).sum(-1).cpu()  # (Q,)
         scores, idx = scores.cpu(), idx.cpu()
-        writer = ShardWriter(out, maxcount=10**12, start_index=len(state["shards"]))
+        writer = ShardWriter(work, maxcount=10**12, start_index=len(state["shards"]))
         written = 0
         for j, (key, qid, qtext, pid) in enumerate(part):
             cand, cs, texts_seen = [], [], set()
@@ -265,7 +337,7 @@ def mine(args) -> dict:
         if not entries:  # every query of the chunk was skipped: remember the chunk as done
             state["shards"].append({"url": None, "samples": 0, "bytes": 0, "sha256": "", "queries": len(part)})
         state["skipped"] = {"by_reason": dict(skips.by_reason), "examples": skips.examples}
-        (out / STATE).write_text(json.dumps(state, indent=1))
+        _write_state(work, state)
         if bar is not None:
             bar.update(len(part))
     if bar is not None:
@@ -282,11 +354,12 @@ def mine(args) -> dict:
     }
     if args.format == "beir":
         source.update(beir_split=args.beir_split, min_grade=args.min_grade, corpus_limit=args.corpus_limit)
-    m = write_manifest(out, kind="hard_negatives", shards=shards, source=source, skipped=skips.as_dict(),
+    m = write_manifest(work, kind="hard_negatives", shards=shards, source=source, skipped=skips.as_dict(),
                        extra={"score_kind": "cosine", "score_teacher": {"path": str(args.model)}})
-    for p in (out / STATE, cache):
+    for p in (work / STATE, cache):
         if p.exists():
             os.remove(p)
+    od.commit(work)  # the finished output replaces --out in one rename
     return m
 
 

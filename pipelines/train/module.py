@@ -460,7 +460,7 @@ class RopeBertContrastive(L.LightningModule):
         if self.nonfinite_in_row >= hp.max_nonfinite:
             raise RuntimeError(
                 f"stopping: {self.nonfinite_in_row} consecutive non-finite losses/gradients (last at epoch "
-                f"{self.current_epoch}, batch {batch_idx}); lower the LR, check the data, or use bf16 instead of fp16")
+                f"{self.current_epoch}, batch {batch_idx}); lower the LR or check the data (`ropebert shards verify`)")
         return res.loss
 
     @torch.no_grad()

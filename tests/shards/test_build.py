@@ -115,7 +115,7 @@ def test_verify_names_missing_truncated_and_altered_shards(tmp_path, capsys):
     assert "shard-000000.tar: truncated" in err
     assert "shard-000001.tar: altered (sha256" in err
     assert "shard-000002.tar: missing" in err
-    assert "shard-000003.tar" not in err and "3 of 4 shards failed" in err
+    assert "shard-000003.tar" not in err and "3 problem(s) found, 4 shards listed" in err
 
 
 def test_parquet_source(tmp_path):

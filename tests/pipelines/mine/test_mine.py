@@ -92,7 +92,9 @@ def test_mine_pair_shards_deterministic_and_restartable(tmp_path, minilm_dir, ca
     monkeypatch.setattr(mine_mod, "pick_negatives", flaky)
     with pytest.raises(KeyboardInterrupt):
         cli(args + ["--out", str(tmp_path / "b")])
-    assert (tmp_path / "b" / "mine_state.json").is_file() and (tmp_path / "b" / "shard-000001.tar").is_file()
+    work = tmp_path / ".b.mining"  # the unfinished run lives beside --out; --out itself is not created yet
+    assert (work / "mine_state.json").is_file() and (work / "shard-000001.tar").is_file()
+    assert not (tmp_path / "b").exists()
     monkeypatch.setattr(mine_mod, "pick_negatives", real)
     assert cli(args + ["--out", str(tmp_path / "b")]) == 0
     mb, _ = _samples(tmp_path / "b")
