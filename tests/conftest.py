@@ -57,6 +57,20 @@ def tiny_model():
     return RopeBertModel(tiny_config()).eval()
 
 
+def export_tiny_model(out, tokenizer_dir, max_position_embeddings: int = 512, seed: int = 0):
+    """A tiny random RoPE BERT (BERT's 30,522-word vocabulary) exported with the tokenizer of `tokenizer_dir`, like a
+    trained model; returns the directory."""
+    from transformers import AutoTokenizer
+
+    from ropebert.model import RopeBertModel
+    from ropebert.model.export import export_model
+
+    torch.manual_seed(seed)
+    model = RopeBertModel(tiny_config(vocab_size=30522, max_position_embeddings=max_position_embeddings)).eval()
+    export_model(model, out, tokenizer=AutoTokenizer.from_pretrained(str(tokenizer_dir)))
+    return out
+
+
 def padded_batch(lengths, vocab=101, seed=0):
     """Random ids with right padding: (B, L) ids and mask for the given real lengths."""
     g = torch.Generator().manual_seed(seed)

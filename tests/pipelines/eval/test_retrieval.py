@@ -12,7 +12,7 @@ from ropebert.errors import UserError
 from ropebert.pipelines.eval.retrieval import load_beir, main
 from ropebert.pipelines.search import exact_topk
 from ropebert.shards.beir import read_qrels
-from tests.conftest import tiny_config
+from tests.conftest import export_tiny_model
 
 
 def _write_beir(root: Path, header: bool = True) -> Path:
@@ -81,16 +81,7 @@ def test_exact_topk_blocked_matches_full_sort():
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory, minilm_dir):
     """A tiny random RoPE BERT with the real WordPiece tokenizer, exported like a trained model."""
-    from transformers import AutoTokenizer
-
-    from ropebert.model import RopeBertModel
-    from ropebert.model.export import export_model
-
-    torch.manual_seed(0)
-    model = RopeBertModel(tiny_config(vocab_size=30522, max_position_embeddings=512)).eval()
-    out = tmp_path_factory.mktemp("tiny_export") / "model"
-    export_model(model, out, tokenizer=AutoTokenizer.from_pretrained(str(minilm_dir)))
-    return out
+    return export_tiny_model(tmp_path_factory.mktemp("tiny_export") / "model", minilm_dir, 512)
 
 
 def test_cli_end_to_end_with_bm25(tmp_path, tiny_export, capsys):

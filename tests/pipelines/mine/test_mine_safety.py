@@ -7,25 +7,15 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from ropebert.cli import main as cli
 from ropebert.shards.format import iter_shard, load_manifest, shard_path
-from tests.conftest import make_pair_shards, tiny_config
+from tests.conftest import export_tiny_model, make_pair_shards
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, minilm_dir):
-    from transformers import AutoTokenizer
-
-    from ropebert.model import RopeBertModel
-    from ropebert.model.export import export_model
-
-    torch.manual_seed(0)
-    model = RopeBertModel(tiny_config(vocab_size=30522, max_position_embeddings=128)).eval()
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    export_model(model, out, tokenizer=AutoTokenizer.from_pretrained(str(minilm_dir)))
-    return out
+    return export_tiny_model(tmp_path_factory.mktemp("tiny") / "model", minilm_dir, 128)
 
 
 def _args(model, src, out, *extra, fmt="shards"):

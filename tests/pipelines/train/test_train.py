@@ -94,8 +94,8 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tiny_bert_dir, pai
     real = module_mod.RopeBertContrastive._loss_fn
     bad_batches = {1}
 
-    def patched(self, batch):
-        fn = real(self, batch)
+    def patched(self, batch, *args):
+        fn = real(self, batch, *args)
         idx = self.trainer.fit_loop.epoch_loop.batch_idx
 
         def wrapped(embs):
