@@ -370,7 +370,7 @@ def _main(task_name: str, argv: Optional[list[str]]) -> int:
                     help="truncate documents to this many tokens (default: none, documents are fed whole)")
     ap.add_argument("--baseline", action="append", default=[], metavar="st:DIR",
                     help="also evaluate a sentence-transformers model (e.g. the APE parent) on the same documents, "
-                         "truncated to its own max_seq_length (at most 512 tokens: an APE model's range); repeatable")
+                         "truncated to its position range (at most 512 tokens: an APE model's range); repeatable")
     if task_name == "needle":
         ap.add_argument("--msmarco", default="../shared/data/msmarco", help="BEIR MS MARCO dir (needles, queries)")
         ap.add_argument("--pg", default="../shared/data/pg", help="dir with the Paul Graham corpus.jsonl (haystack)")
@@ -413,7 +413,9 @@ def _main(task_name: str, argv: Optional[list[str]]) -> int:
         t1 = time.perf_counter()
         enc = SentenceTransformerEncoder(spec[3:], EncodeSettings(batch_size=args.batch_size, device=args.device,
                                                                   show_progress_bar=not args.no_progress))
-        limit = min(512, int(enc.model.max_seq_length or 512))
+        # the parent's own position range (an APE BERT: max_position_embeddings, at most 512), not its shorter
+        # sentence-transformers default max_seq_length
+        limit = min(512, int(getattr(enc.model[0].auto_model.config, "max_position_embeddings", 512) or 512))
         per_len = {}
         for task in tasks:
             q = enc.encode(task.queries, "query", max_length=limit)
