@@ -30,8 +30,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # it exists, under another user
+        pass
     return True
 
 
@@ -134,28 +134,32 @@ class OutputDir:
             raise UserError(f"{self.what}: cannot create a directory beside {self.out}: {e.strerror}") from None
         return self.tmp
 
+    def _disk_error(self, e: BaseException) -> Optional[UserError]:
+        """The one-line error for a full or read-only disk (None for anything else)."""
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return UserError(f"{self.what}: {no_space_message(e, self.out)} (nothing was replaced)")
+        if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES):
+            return UserError(f"{self.what}: cannot write {getattr(e, 'filename', None) or self.out}: {e.strerror}")
+        return None
+
     def __exit__(self, exc_type, exc, tb) -> bool:
-        tmp = self.tmp
+        failed_here = None
         if exc_type is None:
             try:
                 if self.marker:
-                    files = sorted(p.name for p in tmp.iterdir())
-                    (tmp / self.marker).write_text(json.dumps({**self.marker_info, "files": files}, indent=1) + "\n",
-                                                   encoding="utf-8")
+                    files = sorted(p.name for p in self.tmp.iterdir())
+                    (self.tmp / self.marker).write_text(
+                        json.dumps({**self.marker_info, "files": files}, indent=1) + "\n", encoding="utf-8")
                 self._swap()
                 return False
             except OSError as e:
-                exc_type, exc = type(e), e
-                shutil.rmtree(tmp, ignore_errors=True)
-                if e.errno == errno.ENOSPC:
-                    raise UserError(f"{self.what}: {no_space_message(e, self.out)} (nothing was replaced)") from None
-                raise
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise UserError(f"{self.what}: {no_space_message(exc, self.out)} (nothing was replaced)") from None
-        if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES):
-            raise UserError(f"{self.what}: cannot write {getattr(exc, 'filename', None) or self.out}: "
-                            f"{exc.strerror}") from None
+                exc = failed_here = e
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        err = self._disk_error(exc)
+        if err is not None:
+            raise err from None
+        if failed_here is not None:
+            raise failed_here
         return False
 
     def commit(self, tmp: Path) -> None:
@@ -165,11 +169,9 @@ class OutputDir:
         try:
             self._swap()
         except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise UserError(f"{self.what}: {no_space_message(e, self.out)} (nothing was replaced)") from None
-            if e.errno in (errno.EROFS, errno.EACCES):
-                raise UserError(f"{self.what}: cannot write {getattr(e, 'filename', None) or self.out}: "
-                                f"{e.strerror}") from None
+            err = self._disk_error(e)
+            if err is not None:
+                raise err from None
             raise
 
     def _swap(self) -> None:

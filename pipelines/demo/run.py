@@ -45,7 +45,6 @@ from ropebert.shards.sources import SourceOptions, open_source
 
 from .report import write_summary
 
-
 # the APE parent was trained without prefixes: the demo's models are trained, exported and evaluated without them
 NO_PROMPTS = ("--query-prompt", "", "--passage-prompt", "")
 NO_PREFIXES = ("--query-prefix", "", "--passage-prefix", "")

@@ -215,8 +215,7 @@ class RopeBertContrastive(L.LightningModule):
         object.__setattr__(self, "_teacher", None)
         if teacher:
             t = Teacher(teacher, student_tokenizer=tok)
-            if (teacher_hidden_weight or teacher_embed_weight or teacher_score_weight) and \
-                    t.hidden_size != self.model.config.hidden_size:
+            if uses_teacher and t.hidden_size != self.model.config.hidden_size:
                 raise InputError(f"model.teacher: {teacher} has hidden size {t.hidden_size}, the student "
                                  f"{self.model.config.hidden_size}; the teacher terms compare them directly")
             object.__setattr__(self, "_teacher", t)

@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -79,7 +78,7 @@ def _transformer_dir(root: Path) -> tuple[Path, str]:
 
 
 class Teacher(nn.Module):
-    def __init__(self, path: str, student_tokenizer=None, student_hidden_size: Optional[int] = None):
+    def __init__(self, path: str, student_tokenizer=None):
         super().__init__()
         root = Path(path)
         if not root.is_dir():
@@ -111,10 +110,6 @@ class Teacher(nn.Module):
             raise InputError(f"model.teacher: {path} uses another tokenizer vocabulary than the student "
                              f"({len(tok.get_vocab())} vs {len(student_tokenizer.get_vocab())} entries); the teacher "
                              "reads the student's token ids, so both must share one vocabulary")
-        if student_hidden_size is not None and student_hidden_size != self.hidden_size:
-            self.dim_mismatch = (student_hidden_size, self.hidden_size)
-        else:
-            self.dim_mismatch = None
 
     def train(self, mode: bool = True):  # always frozen
         return super().train(False)
