@@ -84,7 +84,10 @@ def _sentence_transformers_files(out: Path, config: RopeBertConfig, max_seq_leng
 def _declare_tokenizer_class(out: Path, tokenizer) -> None:
     """tokenizer_config.json names the tokenizer's (built-in) class and carries no auto_map: the tokenizer needs no
     custom code, and with `tokenizer_class` transformers 4.x resolves it without reading the model config (whose
-    auto_map would make AutoTokenizer ask to run custom code)."""
+    auto_map would make AutoTokenizer ask to run custom code). transformers 5's AutoTokenizer resolves the model
+    config before it reads this file, so there only `tokenizer_type="bert"` or `trust_remote_code=True` avoids the
+    prompt (README's introduction). No content of the directory can, short of a built-in model_type, which would
+    make AutoModel without trust_remote_code build a plain BertModel from these weights."""
     p = out / "tokenizer_config.json"
     cfg = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
     cfg["tokenizer_class"] = cfg.get("tokenizer_class") or type(tokenizer).__name__

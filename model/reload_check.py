@@ -11,10 +11,12 @@ REQUEST keys (all optional):
     input_ids              [[...]] -> "hidden": last hidden state of the first row (all tokens real)
     bad_config_edits       [{key: value}, ...] -> "bad_config_errors": the ValueError text of loading a copy of
                            DIR whose config.json has the edit applied, or null when it loaded
-    tokenizer_only         true -> only `AutoTokenizer.from_pretrained(DIR)` the way users call it (no
-                           trust_remote_code; stdin is closed by the caller), nothing else loaded: "tokenizer":
-                           {"class", "input_ids" (of texts), "stdout", "log", "warnings"} (what it printed, logged
-                           through transformers' logger and warned)
+    tokenizer_only         true -> only `AutoTokenizer.from_pretrained(DIR, **tokenizer_kwargs)` the way users call
+                           it (default: no keyword, so no trust_remote_code; stdin is closed by the caller), nothing
+                           else loaded: "tokenizer": {"class", "input_ids" (of texts), "stdout", "log", "warnings"
+                           (what it printed, logged through transformers' logger and warned), "custom_code" (whether
+                           the directory's own Python files were imported)}
+    tokenizer_kwargs       keyword arguments for that AutoTokenizer call (e.g. {"tokenizer_type": "bert"})
 Always reported: ropebert_imported, gpu_pkg_imported, theta, self_extend, default_backend (not for tokenizer_only).
 """
 
@@ -39,9 +41,10 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError(f"{name} is blocked in the fresh-process reload check")
 
 
-def tokenizer_probe(model_dir: str, texts: list) -> dict:
-    """AutoTokenizer.from_pretrained(DIR) with no trust_remote_code, recording its stdout (an interactive prompt
-    would print there), transformers' log records and warnings."""
+def tokenizer_probe(model_dir: str, texts: list, kwargs: dict | None = None) -> dict:
+    """AutoTokenizer.from_pretrained(DIR, **kwargs) (default: no trust_remote_code), recording its stdout (an
+    interactive prompt would print there), transformers' log records and warnings, and whether the directory's
+    custom code (transformers_modules.*) was imported."""
     from transformers import AutoTokenizer
 
     out, log = io.StringIO(), io.StringIO()
@@ -51,7 +54,7 @@ def tokenizer_probe(model_dir: str, texts: list) -> dict:
     with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out):
         warnings.simplefilter("always")
         try:
-            tok = AutoTokenizer.from_pretrained(model_dir)
+            tok = AutoTokenizer.from_pretrained(model_dir, **(kwargs or {}))
             error = None
         except Exception as e:  # reported, not raised: the caller asserts on it
             tok, error = None, f"{type(e).__name__}: {e}"
@@ -64,6 +67,7 @@ def tokenizer_probe(model_dir: str, texts: list) -> dict:
         "log": log.getvalue(),
         "warnings": [f"{w.category.__name__}: {w.message}" for w in caught
                      if not issubclass(w.category, DeprecationWarning)],
+        "custom_code": any(k.split(".")[0] == "transformers_modules" for k in sys.modules),
     }
 
 
@@ -71,7 +75,7 @@ def main(model_dir: str, request_file: str, out_file: str) -> None:
     sys.meta_path.insert(0, Block())
     req = json.load(open(request_file, encoding="utf-8"))
     if req.get("tokenizer_only"):
-        res = {"tokenizer": tokenizer_probe(model_dir, req.get("texts") or [])}
+        res = {"tokenizer": tokenizer_probe(model_dir, req.get("texts") or [], req.get("tokenizer_kwargs"))}
         res["ropebert_imported"] = any(k.split(".")[0] == "ropebert" for k in sys.modules)
         import transformers
 

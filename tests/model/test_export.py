@@ -166,6 +166,30 @@ def test_tokenizer_loads_in_a_fresh_process_the_way_users_call_it(exported):
         assert "Traceback" not in tok["log"]  # loads after transformers' own prompt (see the docstring)
 
 
+
+@pytest.mark.parametrize("kwargs", [{"tokenizer_type": "bert"}, {"trust_remote_code": True}],
+                         ids=["tokenizer_type", "trust_remote_code"])
+def test_tokenizer_loads_silently_with_the_documented_calls(minilm_dir, tmp_path, kwargs):
+    """The calls README documents for transformers 5 (where a bare AutoTokenizer.from_pretrained(DIR) always resolves
+    the model config, whose auto_map needs custom code, before it reads tokenizer_config.json): in a fresh process
+    with stdin closed and ropebert blocked, `tokenizer_type="bert"` runs no custom code at all and
+    `trust_remote_code=True` (the same argument the model needs) loads only the config class; neither prompts,
+    logs "instantiate a model of type" or warns, and both give the source tokenizer's ids."""
+    from transformers import AutoTokenizer
+
+    from tests.conftest import export_tiny_model
+
+    out = export_tiny_model(tmp_path / "tiny", minilm_dir)
+    res = run_fresh_reload(out, {"tokenizer_only": True, "texts": [SHORT], "tokenizer_kwargs": kwargs})
+    tok = res["tokenizer"]
+    assert res["ropebert_imported"] is False and tok["error"] is None, tok
+    assert tok["class"] == "BertTokenizer", tok
+    assert tok["input_ids"] == [AutoTokenizer.from_pretrained(str(minilm_dir))(SHORT)["input_ids"]]
+    assert "custom code" not in tok["stdout"] and "[y/N]" not in tok["stdout"], tok
+    assert "instantiate a model of type" not in tok["log"], tok
+    assert not tok["warnings"], tok["warnings"]
+    assert tok["custom_code"] is ("trust_remote_code" in kwargs), tok
+
 def test_config_reads_old_rope_keys_and_writes_rope_parameters(tmp_path):
     """Old config.json (top-level rope_theta / rope_scaling, as earlier exports and E5-RoPE write) still loads;
     saving writes transformers 5's rope_parameters (PI = "linear", dynamic NTK = "dynamic")."""
