@@ -12,7 +12,7 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.ropebert-installed
 ARTIFACTS  ?= artifacts
 
-.PHONY: all demo test venv clean bench
+.PHONY: all demo test venv clean bench gpu-check gpu-wheels
 
 all: test
 
@@ -41,6 +41,20 @@ test: $(STAMP)
 # `make bench BENCH_ARGS=--quick` for a smaller smoke run.
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) bench/run_all.py $(BENCH_ARGS)
+
+# The GPU check (bench/gpu_check.py): every cuda-marked test, the GPU benchmarks and a bf16 fit with resume on one
+# CUDA device in under 10 minutes, one report under artifacts/gpu-check/. No venv is made: on the device the image's
+# python runs it (GPU_PY defaults to .venv's python where there is one, else python3).
+# `make gpu-check GPU_CHECK_ARGS=--dry-run` checks the plan, imports and command lines on any machine;
+# `make gpu-wheels` (here) builds the wheels the device image lacks into $(GPU_WHEELS), and on the device
+# `make gpu-check GPU_CHECK_ARGS="--install-wheels $(GPU_WHEELS)"` installs them first (README, "GPU check").
+GPU_PY     ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_WHEELS ?= .whl
+gpu-check:
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(GPU_PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+gpu-wheels: $(STAMP)
+	$(PY) bench/gpu_check.py --prepare-wheels $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) $(ARTIFACTS) .pytest_cache
