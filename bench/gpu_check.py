@@ -473,7 +473,7 @@ def part_fit(out: Path, tokenizer: str | None, accelerator: str) -> dict:
     b = res["runs"][1] if len(res["runs"]) > 1 else {}
     res["met"] = (a["rc"] == 0 and a.get("last_ckpt_global_step") == FIT_STEPS[0] and a["losses_finite"]
                   and b.get("rc") == 0 and b.get("last_ckpt_global_step") == FIT_STEPS[1] and b["losses_finite"]
-                  and b.get("first_global_step") == FIT_STEPS[0])
+                  and b.get("first_global_step") == FIT_STEPS[0] + 1)  # the step log records the step just done
     return res
 
 
