@@ -69,6 +69,38 @@ def load_init_model(init_from: str, rope_theta: Optional[float] = None) -> RopeB
     return model
 
 
+def check_matryoshka(dims: Optional[list[int]], weights: Optional[list[float]],
+                     hidden_size: int) -> Optional[tuple[list[int], list[float]]]:
+    """(dims, weights) of model.matryoshka_dims / matryoshka_weights, checked against the model's hidden size;
+    None without dims. Every problem is an InputError naming the setting."""
+    if dims is None:
+        return None
+    if isinstance(dims, (int, str)) or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        raise InputError(f"model.matryoshka_dims must be a list of integers, e.g. [384, 256, 128, 64]; got {dims!r}")
+    dims = list(dims)
+    if not dims:
+        raise InputError("model.matryoshka_dims is empty; omit it (null) to train the full embedding only")
+    big = [d for d in dims if d > hidden_size]
+    if big:
+        raise InputError(f"model.matryoshka_dims {dims}: {big} larger than the model's hidden size {hidden_size}")
+    small = [d for d in dims if d < 1]
+    if small:
+        raise InputError(f"model.matryoshka_dims {dims}: {small} must be >= 1")
+    steps = [b - a for a, b in zip(dims, dims[1:])]
+    if not (all(s < 0 for s in steps) or all(s > 0 for s in steps)):
+        raise InputError(f"model.matryoshka_dims {dims} must be strictly ordered (no repeats, one direction), "
+                         f"e.g. [{hidden_size}, {hidden_size // 2}, {hidden_size // 4}]")
+    if weights is None:
+        weights = [1.0] * len(dims)
+    weights = list(weights)
+    if len(weights) != len(dims):
+        raise InputError(f"model.matryoshka_weights has {len(weights)} entries {weights} for {len(dims)} "
+                         f"model.matryoshka_dims {dims}; give one weight per dim")
+    if not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights):
+        raise InputError(f"model.matryoshka_weights {weights} must be finite numbers >= 0")
+    return dims, [float(w) for w in weights]
+
+
 def _step_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
     h = hashlib.blake2b(f"{seed}:{epoch}:{batch}:{rank}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
@@ -92,6 +124,8 @@ class RopeBertContrastive(L.LightningModule):
         teacher_hidden_kind: Literal["cos", "mse"] = "cos",
         teacher_embed_weight: float = 0.0,
         teacher_score_weight: float = 0.0,
+        matryoshka_dims: Optional[list[int]] = None,
+        matryoshka_weights: Optional[list[float]] = None,
         lr: float = 2e-4,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -139,6 +173,12 @@ class RopeBertContrastive(L.LightningModule):
             teacher_embed_weight: weight of mean(1 - cos(student, teacher)) of the pooled embeddings. 0 = off.
             teacher_score_weight: weight of KL(softmax(teacher scores / T) || softmax(student logits)) over each
                 local query's row of the global score matrix (in-batch and hard negatives). 0 = off.
+            matryoshka_dims: Matryoshka embedding sizes, strictly ordered, each <= the hidden size, e.g.
+                [384, 256, 128, 64]: the loss (and every teacher term) is computed on each L2-renormalised prefix
+                of the embeddings and summed with matryoshka_weights. It reads the full (cached) embeddings, so it
+                runs unchanged under GradCache and gather. Recorded in the model's config (`matryoshka_dims`).
+                None = the plain loss on the full embedding.
+            matryoshka_weights: one weight per matryoshka_dims entry (default: all 1.0).
             lr: peak learning rate (AdamW).
             weight_decay: AdamW decoupled weight decay; never on biases, LayerNorm weights or the temperature.
             betas: AdamW betas.
@@ -188,6 +228,8 @@ class RopeBertContrastive(L.LightningModule):
             raise InputError("model.teacher_*_weight > 0 needs model.teacher (a teacher model directory)")
         if max_nonfinite < 1:
             raise InputError(f"model.max_nonfinite must be >= 1, got {max_nonfinite}")
+        if matryoshka_weights is not None and matryoshka_dims is None:
+            raise InputError("model.matryoshka_weights needs model.matryoshka_dims")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.model = load_init_model(init_from, rope_theta)
@@ -204,6 +246,7 @@ class RopeBertContrastive(L.LightningModule):
                     m.p = float(hidden_dropout)
         if attention_dropout is not None:
             cfg.attention_probs_dropout_prob = float(attention_dropout)
+        self._matryoshka = check_matryoshka(matryoshka_dims, matryoshka_weights, cfg.hidden_size)
         self.model.set_attn_backend(attn_backend)
         try:
             tok = self.model.tokenizer
@@ -374,6 +417,7 @@ class RopeBertContrastive(L.LightningModule):
         teacher = batch.get("teacher_scores") if (hp.stage == "finetune" and hp.distill) else None
         t = teacher_embs or {}
         shard_t = getattr(self, "_shard_score_temperature", None) or hp.teacher_temperature or 1.0
+        mdims, mweights = self._matryoshka or (None, None)
 
         def fn(embs: dict[str, torch.Tensor]):
             q, p = embs["query"], embs["passage"]
@@ -390,7 +434,7 @@ class RopeBertContrastive(L.LightningModule):
                 teacher_embed_weight=hp.teacher_embed_weight if t else 0.0,
                 teacher_score_weight=hp.teacher_score_weight if t else 0.0,
                 teacher_score_temperature=hp.teacher_temperature or LIVE_TEACHER_TEMPERATURE,
-                return_stats=True)
+                matryoshka_dims=mdims, matryoshka_weights=mweights, return_stats=True)
 
         return fn
 
@@ -451,6 +495,9 @@ class RopeBertContrastive(L.LightningModule):
         for k in ("pos_sim", "neg_sim", "hardest_neg_sim", "hard_neg_sim", "accuracy", "infonce", "kl",
                   "teacher_embed", "teacher_kl"):
             if k in stats:
+                log[f"train/{k}"] = stats[k].float()
+        for k in stats:
+            if k.startswith("loss@"):  # each Matryoshka dim's (unweighted) loss
                 log[f"train/{k}"] = stats[k].float()
         if "aux" in stats and hp.teacher_hidden_weight:
             log["train/teacher_hidden"] = (stats["aux"] / hp.teacher_hidden_weight).float()

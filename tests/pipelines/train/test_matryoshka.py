@@ -1,0 +1,57 @@
+"""Matryoshka training through the LightningModule: settings checked before training, the module's own embed and
+loss functions under GradCache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ropebert.errors import InputError
+from ropebert.pipelines.train.gradcache import contrastive_step
+from ropebert.pipelines.train.module import RopeBertContrastive
+from tests.conftest import padded_batch
+
+
+def _module(init, **kw):
+    torch.manual_seed(0)
+    return RopeBertContrastive(init_from=str(init), hidden_dropout=0.0, attention_dropout=0.0, gather=False, **kw)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(matryoshka_dims=[64, 16]), r"\[64\] larger than the model's hidden size 32"),
+    (dict(matryoshka_dims=[32, 8, 16]), r"\[32, 8, 16\] must be strictly ordered"),
+    (dict(matryoshka_dims=[16, 16]), "strictly ordered"),
+    (dict(matryoshka_dims=[32, 16], matryoshka_weights=[1.0]), r"1 entries \[1.0\] for 2 model.matryoshka_dims"),
+    (dict(matryoshka_weights=[1.0]), "needs model.matryoshka_dims"),
+    (dict(matryoshka_dims=[]), "is empty"),
+    (dict(matryoshka_dims=[32, 0]), r"\[0\] must be >= 1"),
+])
+def test_bad_matryoshka_settings_are_clear_errors(tiny_bert_dir, kw, match):
+    with pytest.raises(InputError, match=match):
+        _module(tiny_bert_dir, **kw)
+
+
+def _groups(vocab):
+    q = padded_batch([4, 9, 3, 7, 5, 8], vocab=vocab, seed=1)
+    p = padded_batch([12, 5, 7, 10, 3, 6], vocab=vocab, seed=2)
+    return {"query": {"input_ids": q[0], "attention_mask": q[1]}, "passage": {"input_ids": p[0], "attention_mask": p[1]}}
+
+
+def _step(m, chunk):
+    groups = _groups(m.model.config.vocab_size)
+    res = contrastive_step(m._embed_fn(12), groups, m._loss_fn({}), chunk_size=chunk)
+    grads = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+    return res, grads
+
+
+def test_module_matryoshka_loss_gradcache_equals_uncached(tiny_bert_dir):
+    kw = dict(matryoshka_dims=[32, 16, 8], matryoshka_weights=[1.0, 0.5, 0.5])
+    r0, g0 = _step(_module(tiny_bert_dir, **kw), None)
+    r1, g1 = _step(_module(tiny_bert_dir, **kw), 2)
+    torch.testing.assert_close(r1.loss, r0.loss, rtol=1e-6, atol=1e-6)
+    assert {"loss@32", "loss@16", "loss@8"} <= set(r0.stats)
+    want = r0.stats["loss@32"] + 0.5 * r0.stats["loss@16"] + 0.5 * r0.stats["loss@8"]
+    assert r0.loss.item() == pytest.approx(want.item(), rel=1e-6)
+    assert set(g0) == set(g1) and len(g0) > 10
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6, msg=lambda msg: f"{k}: {msg}")
