@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 __all__ = ["all_gather_no_grad", "all_gather_with_grad", "contrastive_loss", "ContrastiveStats", "dist_info",
-           "hidden_alignment"]
+           "hidden_alignment", "layered_contrastive_loss"]
 
 
 def dist_info() -> tuple[int, int]:
@@ -334,3 +334,41 @@ def contrastive_loss(
             for d, v in per_dim.items():
                 stats[f"loss@{d}"] = v.detach()
     return loss, stats
+
+
+def layered_contrastive_loss(
+    query_emb: torch.Tensor,
+    passage_emb: torch.Tensor,
+    negative_emb: Optional[torch.Tensor] = None,
+    *,
+    layers: Sequence[int],
+    return_stats: bool = False,
+    **kwargs,
+):
+    """2-D Matryoshka (Starbucks): contrastive_loss on the embedding of each of several layers, summed.
+
+    query_emb / passage_emb: (B, S, D) and negative_emb (B, K, S, D): the pooled, L2-normalised embeddings of the
+    S = len(layers) layers (1-based encoder layer indices, small to large). kwargs go to contrastive_loss for every
+    layer (matryoshka_dims / matryoshka_weights, teacher terms, gather...): the fixed list of (layer, dim) pairs is
+    layers x dims, every pair used in every step. Returns the summed loss; with return_stats the diagnostics of
+    the last (largest) layer, `loss@L<l>` per layer and, with matryoshka_dims, `loss@L<l>:<d>` per pair.
+    """
+    S = len(layers)
+    if query_emb.dim() != 3 or query_emb.shape[1] != S or passage_emb.shape != query_emb.shape:
+        raise ValueError(f"layered_contrastive_loss: query_emb {tuple(query_emb.shape)} and passage_emb "
+                         f"{tuple(passage_emb.shape)} must both be (B, S={S}, D) for layers {list(layers)}")
+    if negative_emb is not None and (negative_emb.dim() != 4 or negative_emb.shape[2] != S):
+        raise ValueError(f"layered_contrastive_loss: negative_emb must be (B, K, S={S}, D), got "
+                         f"{tuple(negative_emb.shape)}")
+    total, stats = None, ContrastiveStats()
+    for s, layer in enumerate(layers):
+        n = None if negative_emb is None else negative_emb[:, :, s]  # (B, K, D)
+        loss, st = contrastive_loss(query_emb[:, s], passage_emb[:, s], n, return_stats=True, **kwargs)
+        total = loss if total is None else total + loss
+        stats[f"loss@L{layer}"] = loss.detach()
+        for k, v in st.items():
+            if k.startswith("loss@"):
+                stats[f"loss@L{layer}:{k[5:]}"] = v
+            elif s == S - 1:
+                stats[k] = v
+    return (total, stats) if return_stats else total
