@@ -284,6 +284,13 @@ class RopeBertContrastive(L.LightningModule):
             cfg.attention_probs_dropout_prob = float(attention_dropout)
         self._matryoshka = check_matryoshka(matryoshka_dims, matryoshka_weights, cfg.hidden_size)
         self._layers = check_matryoshka_layers(matryoshka_layers, cfg.num_hidden_layers)
+        if getattr(cfg, "embedding_dim", None) is not None:
+            logger.warning("model.init_from %s is cut to embedding_dim=%s; training uses all %d channels", init_from,
+                           cfg.embedding_dim, cfg.hidden_size)
+            cfg.embedding_dim = None
+        # the config records what this run trains (exports carry it into config.json)
+        cfg.matryoshka_dims = None if self._matryoshka is None else list(self._matryoshka[0])
+        cfg.matryoshka_layers = None if self._layers is None else list(self._layers)
         self.model.set_attn_backend(attn_backend)
         try:
             tok = self.model.tokenizer

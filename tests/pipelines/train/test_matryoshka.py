@@ -105,3 +105,17 @@ def test_module_2d_matryoshka_gradcache_equals_uncached_and_sums_every_pair(tiny
     # and the 1-D module (last layer only) is the layer-2 part of it
     r_1d, _ = _step(_module(tiny_bert_dir, matryoshka_dims=[32, 8], matryoshka_weights=[1.0, 0.5]), None)
     assert r_1d.loss.item() == pytest.approx(r0.stats["loss@L2"].item(), rel=1e-5)
+
+
+def test_config_records_the_trained_dims_and_layers(tiny_bert_dir, tmp_path):
+    import json
+
+    from ropebert.model.export import export_model
+
+    m = _module(tiny_bert_dir, matryoshka_dims=[32, 16], matryoshka_layers=[1])
+    assert m.model.config.matryoshka_dims == [32, 16] and m.model.config.matryoshka_layers == [1, 2]
+    out = export_model(m.model, tmp_path / "e")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["matryoshka_dims"] == [32, 16] and cfg["matryoshka_layers"] == [1, 2]
+    plain = _module(tiny_bert_dir)
+    assert plain.model.config.matryoshka_dims is None and plain.model.config.matryoshka_layers is None
