@@ -94,6 +94,12 @@ class RopeBertConfig(PretrainedConfig):
             p // g, shifted by w - w // g on the query (i > j) or key (i < j) side, beyond).
         attn_scale_base: q is scaled by max(1, ln n / ln attn_scale_base), n the sequence's non-padding length
             (no effect at or below the base); None disables. Must be > 1.
+
+    Matryoshka embeddings:
+        embedding_dim: the size of the pooled embedding (`embed` / `encode`): its first embedding_dim channels,
+            L2-renormalised. None: hidden_size.
+        matryoshka_dims: the prefix sizes the model was trained for (a record; None: not Matryoshka-trained).
+        matryoshka_layers: the layers (1-based) whose pooled outputs were trained as embeddings (a record).
     """
 
     model_type = "ropebert"
@@ -123,6 +129,9 @@ class RopeBertConfig(PretrainedConfig):
         original_max_position_embeddings: Optional[int] = None,
         self_extend: Optional[dict] = None,
         attn_scale_base: Optional[int] = 512,
+        embedding_dim: Optional[int] = None,
+        matryoshka_dims: Optional[list] = None,
+        matryoshka_layers: Optional[list] = None,
         **kwargs,
     ):
         super().__init__(pad_token_id=pad_token_id, **kwargs)
@@ -158,6 +167,9 @@ class RopeBertConfig(PretrainedConfig):
         self.original_max_position_embeddings = original_max_position_embeddings
         self.self_extend = dict(self_extend) if isinstance(self_extend, dict) else self_extend
         self.attn_scale_base = attn_scale_base
+        self.embedding_dim = embedding_dim
+        self.matryoshka_dims = list(matryoshka_dims) if matryoshka_dims is not None else None
+        self.matryoshka_layers = list(matryoshka_layers) if matryoshka_layers is not None else None
         self.validate_ropebert()
 
     # transformers >= 5 turns `rope_scaling` into a deprecated alias of its own `rope_parameters` format. At run time
@@ -220,6 +232,15 @@ class RopeBertConfig(PretrainedConfig):
                 f"RopeBertConfig.max_position_embeddings must be >= 1, got {self.max_position_embeddings!r}"
             )
         self._validate_long_context()
+        ed = self.embedding_dim
+        if ed is not None and (not isinstance(ed, int) or isinstance(ed, bool) or not 1 <= ed <= self.hidden_size):
+            raise ValueError(f"RopeBertConfig.embedding_dim must be null or an int in 1..hidden_size={self.hidden_size}, "
+                             f"got {ed!r}")
+
+    @property
+    def output_dim(self) -> int:
+        """The size of the pooled embedding: embedding_dim, or hidden_size when it is not set."""
+        return int(self.hidden_size if getattr(self, "embedding_dim", None) is None else self.embedding_dim)
 
     def _validate_long_context(self) -> None:
         def is_num(x):

@@ -71,6 +71,10 @@ def _sentence_transformers_files(out: Path, config: RopeBertConfig, max_seq_leng
         "include_prompt": True,
     }
     st_cfg = {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}
+    if getattr(config, "embedding_dim", None) is not None and config.embedding_dim != config.hidden_size:
+        # sentence-transformers cuts after the modules (after Normalize): cosine similarity (the default
+        # similarity_fn_name) is unaffected; normalize_embeddings=True gives the unit vectors ropebert's embed does
+        st_cfg["truncate_dim"] = int(config.embedding_dim)
     files = {
         "modules.json": modules,
         "1_Pooling/config.json": pooling,
@@ -79,6 +83,35 @@ def _sentence_transformers_files(out: Path, config: RopeBertConfig, max_seq_leng
     }
     for name, obj in files.items():
         (out / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def shrink_model(model: RopeBertModel, dim: Optional[int] = None, layers: Optional[int] = None) -> RopeBertModel:
+    """A Matryoshka cut of `model`, in place: embeddings of its first `dim` channels (config.embedding_dim; the
+    modeling code cuts and renormalises) and/or only its first `layers` encoder layers (the upper ones dropped).
+    A size the model was not trained for (config.matryoshka_dims / matryoshka_layers) is allowed with a warning
+    naming the trained ones; one out of range is an InputError."""
+    cfg = model.config
+    if layers is not None:
+        n = int(cfg.num_hidden_layers)
+        if not 1 <= layers <= n:
+            raise InputError(f"export --layers {layers}: the model has {n} layers; give 1..{n}")
+        trained = getattr(cfg, "matryoshka_layers", None)
+        if layers != n and layers not in (trained or []):
+            logger.warning("export --layers %d: the model was %s; its layer-%d embeddings may be poor", layers,
+                           f"trained at layers {trained}" if trained else "not trained with matryoshka_layers", layers)
+        model.encoder.layer = model.encoder.layer[:layers]
+        cfg.num_hidden_layers = int(layers)
+    if dim is not None:
+        h = int(cfg.hidden_size)
+        if not 1 <= dim <= h:
+            raise InputError(f"export --dim {dim}: the model's embeddings have {h} channels; give 1..{h}")
+        trained = getattr(cfg, "matryoshka_dims", None)
+        if dim != h and dim not in (trained or []):
+            logger.warning("export --dim %d: the model was %s; its %d-dim prefix may be poor", dim,
+                           f"trained for dims {trained}" if trained else "not trained with matryoshka_dims", dim)
+        cfg.embedding_dim = None if dim == h else int(dim)
+    cfg.validate_ropebert()
+    return model
 
 
 def _declare_tokenizer_class(out: Path, tokenizer) -> None:
@@ -160,6 +193,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--query-prompt", default=None, help="sentence-transformers prompt of queries (default 'query: ')")
     ap.add_argument("--passage-prompt", default=None, help="prompt of passages (default 'passage: ')")
     ap.add_argument("--max-seq-length", type=int, default=None, help="sentence-transformers max_seq_length")
+    ap.add_argument("--dim", type=int, default=None, metavar="D",
+                    help="Matryoshka: embeddings of the first D channels, renormalised (config embedding_dim; "
+                         "sentence-transformers truncate_dim); warns when D is not one of the trained matryoshka_dims")
+    ap.add_argument("--layers", type=int, default=None, metavar="N",
+                    help="2-D Matryoshka: keep the first N encoder layers (the upper ones are dropped); warns when "
+                         "N is not one of the trained matryoshka_layers")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace OUT when it is a previous `ropebert export` (nothing else in it)")
     ap.add_argument("--verify", action="store_true",
@@ -182,10 +221,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         tok = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=False)
     if args.rope_theta is not None:
         model.config.rope_theta = args.rope_theta
+    if args.dim is not None or args.layers is not None:
+        shrink_model(model, dim=args.dim, layers=args.layers)
     out = export_model(model, args.out, tokenizer=tok, max_seq_length=args.max_seq_length, overwrite=args.overwrite,
                        source=args.src, prompts=prompts)
     n = sum(p.numel() for p in model.parameters())
-    print(f"exported {type(model).__name__} ({n / 1e6:.1f}M parameters, rope_theta={model.config.rope_theta}) to {out}")
+    print(f"exported {type(model).__name__} ({n / 1e6:.1f}M parameters, {model.config.num_hidden_layers} layers, "
+          f"{model.config.output_dim}-dim embeddings, rope_theta={model.config.rope_theta}) to {out}")
     if args.verify:
         rep = verify_export(out)
         print("verified: fresh-process reload without ropebert, max |diff| "

@@ -909,12 +909,19 @@ class RopeBertModel(RopeBertPreTrainedModel):
         position_ids: Optional[torch.Tensor] = None,
         normalize: bool = True,
     ) -> torch.Tensor:
-        """Pooled embeddings (B, C) fp32: masked mean (+ L2 norm). Pools packed tokens directly, no re-pad."""
+        """Pooled embeddings (B, E) fp32: masked mean, cut to the first E = config.output_dim channels (the
+        Matryoshka embedding_dim; all hidden_size channels when unset), + L2 norm. Pools packed tokens directly,
+        no re-pad."""
         x, _, ctx, unpad_index, _ = self._run(input_ids, attention_mask, token_type_ids, position_ids, False)
         if unpad_index is not None:
-            return packed_mean_pool(x, ctx.seqlens, normalize)
-        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        return mean_pool(x, mask, normalize)
+            emb = packed_mean_pool(x, ctx.seqlens, normalize=False)  # (B, C)
+        else:
+            mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            emb = mean_pool(x, mask, normalize=False)  # (B, C)
+        dim = self.config.output_dim
+        if dim != emb.shape[-1]:
+            emb = emb[:, :dim]  # (B, E)
+        return F.normalize(emb, p=2, dim=-1) if normalize else emb
 
     # -- text convenience -----------------------------------------------------------------------------------
 
@@ -1050,7 +1057,7 @@ class RopeBertModel(RopeBertPreTrainedModel):
         if cur:
             batches.append(cur)
         pad_id = self.config.pad_token_id or 0
-        out = torch.empty(len(ids_list), self.config.hidden_size, dtype=torch.float32)
+        out = torch.empty(len(ids_list), self.config.output_dim, dtype=torch.float32)
         it = batches
         if show_progress_bar:
             from tqdm.auto import tqdm

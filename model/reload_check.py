@@ -90,6 +90,7 @@ def main(model_dir: str, request_file: str, out_file: str) -> None:
     texts = req.get("texts") or []
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
     res = {"hf": [], "n_tokens": []}
+    dim = getattr(model.config, "embedding_dim", None) or model.config.hidden_size  # a Matryoshka export's size
     if texts or req.get("attn_implementations"):
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
     for t in texts:
@@ -98,13 +99,15 @@ def main(model_dir: str, request_file: str, out_file: str) -> None:
         with torch.no_grad():
             h = model(**b).last_hidden_state
         m = b["attention_mask"][..., None].float()
-        res["hf"].append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)[0].tolist())
+        res["hf"].append(torch.nn.functional.normalize(((h * m).sum(1) / m.sum(1))[:, :dim], dim=-1)[0].tolist())
     if req.get("sentence_transformers"):
         from sentence_transformers import SentenceTransformer
 
         st = SentenceTransformer(model_dir, trust_remote_code=True, device="cpu")
         st.max_seq_length = int(req.get("st_max_length", 4096))
-        res["st"] = st.encode(texts, convert_to_numpy=True, batch_size=1).tolist()
+        # truncate_dim (a Matryoshka export) cuts after the Normalize module: renormalise, as its docs advise
+        res["st"] = st.encode(texts, convert_to_numpy=True, batch_size=1, normalize_embeddings=True).tolist()
+        res["st_dim"] = st.get_sentence_embedding_dimension()
     res["attn"] = {}
     for impl in req.get("attn_implementations") or []:
         m = AutoModel.from_pretrained(model_dir, trust_remote_code=True, attn_implementation=impl).eval()

@@ -99,7 +99,7 @@ class RopeBertMTEBEncoder(_Base):
                 revision=revision,
                 loader=RopeBertMTEBEncoder,
                 max_tokens=max_length or int(self.model.config.max_position_embeddings),
-                embed_dim=int(self.model.config.hidden_size),
+                embed_dim=int(self.model.config.output_dim),
                 similarity_fn_name=ScoringFunction.COSINE,
                 framework=["PyTorch"],
                 n_parameters=sum(p.numel() for p in self.model.parameters()),
@@ -128,7 +128,7 @@ class RopeBertMTEBEncoder(_Base):
             task_type = None
         prompt = resolve_prompt(self.model_prompts, task_name, task_type, _value(prompt_type))
         if not texts:
-            return np.zeros((0, int(self.model.config.hidden_size)), dtype=np.float32)
+            return np.zeros((0, int(self.model.config.output_dim)), dtype=np.float32)
         emb = self.model.encode(
             texts, prefix=prompt, batch_size=int(kwargs.get("batch_size", self.batch_size)),
             max_length=self.max_length, max_tokens=self.max_tokens, device=self.device,

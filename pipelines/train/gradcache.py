@@ -18,6 +18,10 @@ normalised) scalar contribution. It is ignored in the graph-less pass 1 and adde
 so it is backpropagated inside each chunk's replay and nothing large (hidden states) is ever cached. Without
 GradCache it is added to the loss. StepResult.loss includes it; stats["aux"] holds its sum.
 
+Several embeddings per text (2-D Matryoshka: the pooled output of several layers) are one (N, S, D) tensor per
+group: pass 1 caches all S of them, the loss sees them together, and one replay per chunk backpropagates the
+cached gradient of every layer's embedding through the same graph (sum over S and D of embedding * gradient).
+
 Gradient synchronisation is explicit: `allreduce_gradients` issues ONE all-reduce per optimizer step over a
 flat buffer of every gradient, after all chunks are done. ropebert's DDP strategy (pipelines/strategy.py)
 does not wrap the model in torch DDP, so no per-chunk reducer hooks fire (the per-chunk syncs that hang
@@ -75,7 +79,8 @@ class StepResult:
 
 
 EmbedFn = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
-# (ids, mask) -> (N, D) embeddings, or ((N, D), scalar aux loss of these rows)
+# (ids, mask) -> (N, D) or (N, S, D) embeddings (S per text, e.g. several layers), or (that, scalar aux loss of
+# these rows)
 
 
 def _split(out) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -102,9 +107,9 @@ def contrastive_step(
 ) -> StepResult:
     """Forward + backward of one contrastive batch, with GradCache when chunk_size is set.
 
-    embed: the encoder's pooled, normalised embedding function.
+    embed: the encoder's pooled, normalised embedding function: (N, D), or (N, S, D) with S embeddings per text.
     groups: ordered name -> tokenised batch (e.g. query, passage, negatives).
-    loss_fn: {name: (N, D) embeddings} -> (scalar loss, stats).
+    loss_fn: {name: (N, D) or (N, S, D) embeddings} -> (scalar loss, stats).
     chunk_size: rows per chunk for GradCache; None (or >= every group's size) embeds each group in one forward
         with its graph and backpropagates the loss directly (no cache).
     backward: how to backpropagate a scalar (Lightning's manual_backward in training).
@@ -156,7 +161,7 @@ def contrastive_step(
             n = c["input_ids"].shape[0]
             st.restore()
             e, aux = _split(embed(c["input_ids"], c["attention_mask"]))
-            surrogate = (e.float() * cache[name][start : start + n]).sum()
+            surrogate = (e.float() * cache[name][start : start + n]).sum()  # every cached embedding of the rows
             if aux is not None:
                 surrogate = surrogate + aux
                 aux_total = aux.detach() if aux_total is None else aux_total + aux.detach()

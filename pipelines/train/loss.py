@@ -25,14 +25,15 @@ Logits, log-softmax and the loss are computed in fp32 with autocast disabled, wh
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import math
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 __all__ = ["all_gather_no_grad", "all_gather_with_grad", "contrastive_loss", "ContrastiveStats", "dist_info",
-           "hidden_alignment"]
+           "hidden_alignment", "layered_contrastive_loss"]
 
 
 def dist_info() -> tuple[int, int]:
@@ -119,6 +120,40 @@ class ContrastiveStats(dict):
     infonce, kl (when distilling)."""
 
 
+def _matryoshka_plan(dims, weights, D: int) -> list[tuple[int, float]]:
+    """[(dim, weight)] of a Matryoshka loss; checks every dim is in 1..D, the list strictly ordered (either way),
+    the weights one per dim. Without dims: [(D, 1.0)], the plain loss."""
+    if dims is None:
+        if weights is not None:
+            raise ValueError("contrastive_loss: matryoshka_weights given without matryoshka_dims")
+        return [(D, 1.0)]
+    dims = [int(d) for d in dims]
+    if not dims:
+        raise ValueError("contrastive_loss: matryoshka_dims is empty (omit it for the plain loss)")
+    bad = [d for d in dims if not 1 <= d <= D]
+    if bad:
+        raise ValueError(f"contrastive_loss: matryoshka_dims {dims}: {bad} outside 1..{D} (the embedding dim)")
+    steps = [b - a for a, b in zip(dims, dims[1:])]
+    if not (all(s < 0 for s in steps) or all(s > 0 for s in steps)):
+        raise ValueError(f"contrastive_loss: matryoshka_dims {dims} must be strictly ordered, e.g. [384, 256, 128, 64]")
+    if weights is None:
+        weights = [1.0] * len(dims)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(dims):
+        raise ValueError(f"contrastive_loss: {len(weights)} matryoshka_weights {weights} for {len(dims)} "
+                         f"matryoshka_dims {dims}; give one weight per dim")
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise ValueError(f"contrastive_loss: matryoshka_weights {weights} must be finite and >= 0")
+    return list(zip(dims, weights))
+
+
+def _prefix(x: Optional[torch.Tensor], d: int, full: int) -> Optional[torch.Tensor]:
+    """The first d channels of x (..., D), L2-renormalised; x itself when d is the whole vector."""
+    if x is None or d == full:
+        return x
+    return F.normalize(x[..., :d], p=2, dim=-1)
+
+
 def contrastive_loss(
     query_emb: torch.Tensor,
     passage_emb: torch.Tensor,
@@ -136,6 +171,8 @@ def contrastive_loss(
     teacher_embed_weight: float = 0.0,
     teacher_score_weight: float = 0.0,
     teacher_score_temperature: float = 0.05,
+    matryoshka_dims: Optional[Sequence[int]] = None,
+    matryoshka_weights: Optional[Sequence[float]] = None,
     return_stats: bool = False,
 ):
     """InfoNCE with in-batch (and hard) negatives, optional distillation; returns the scalar loss.
@@ -162,7 +199,16 @@ def contrastive_loss(
             logits)) over each local query's row of the GLOBAL score matrix: the teacher's passages and negatives
             are gathered like the student's (without gradient), so both rows have the same W*B*(1+K) columns.
         teacher_score_temperature: divides the teacher's cosine scores (a cosine teacher: e.g. 0.05).
-        return_stats: also return a ContrastiveStats dict (detached).
+        matryoshka_dims: optional strictly ordered prefix sizes, e.g. [384, 256, 128, 64] (each in 1..D). The
+            loss above is computed on each prefix of every embedding, L2-renormalised (x[..., :d] / |x[..., :d]|),
+            and the per-dim losses are summed with matryoshka_weights. Every term is per dim: InfoNCE, the
+            teacher_scores KL, the teacher embed term (student prefix vs the teacher's prefix, renormalised) and
+            the teacher score KL (the student's prefix logits against the teacher's full-dim scores: the target
+            does not shrink with the student). Embeddings are gathered once at full D and cut after, so this is
+            exact under gather and GradCache (it only reads the cached full embeddings).
+        matryoshka_weights: one weight per matryoshka_dims entry (default: all 1.0).
+        return_stats: also return a ContrastiveStats dict (detached): the diagnostics of the largest dim, plus
+            `loss@<d>` (the unweighted loss of each Matryoshka dim) with matryoshka_dims.
 
     Each query's candidates are all (W*)B passages followed by all (W*)B*K negatives; its label is its own
     positive. A query's own hard negatives are therefore scored as negatives, never as its positive.
@@ -191,78 +237,138 @@ def contrastive_loss(
         raise ValueError(f"contrastive_loss: teacher embeddings have dim {teacher_query.shape[-1]}, the student's {D}")
     if isinstance(temperature, (int, float)) and temperature <= 0:
         raise ValueError(f"contrastive_loss: temperature must be > 0, got {temperature}")
+    plan = _matryoshka_plan(matryoshka_dims, matryoshka_weights, D)
 
     device_type = query_emb.device.type
     with torch.autocast(device_type=device_type, enabled=False):
-        q = query_emb.float()  # (B, D)
-        p = passage_emb.float()  # (B, D)
-        n = negative_emb.float().reshape(B * K, D) if K else None  # (B*K, D)
+        q_full = query_emb.float()  # (B, D)
+        p_full = passage_emb.float()  # (B, D)
+        n_full = negative_emb.float().reshape(B * K, D) if K else None  # (B*K, D)
         world, rank = dist_info() if gather else (1, 0)
-        p_all = all_gather_with_grad(p) if world > 1 else p  # (W*B, D)
-        n_all = (all_gather_with_grad(n) if world > 1 else n) if K else None  # (W*B*K, D)
-        cands = p_all if n_all is None else torch.cat([p_all, n_all], dim=0)  # (W*B*(1+K), D)
+        # gathered once at full D; every Matryoshka prefix is cut from the gathered tensors
+        p_all_full = all_gather_with_grad(p_full) if world > 1 else p_full  # (W*B, D)
+        n_all_full = (all_gather_with_grad(n_full) if world > 1 else n_full) if K else None  # (W*B*K, D)
+        q_all_full = (all_gather_with_grad(q_full) if world > 1 else q_full) if symmetric else None  # (W*B, D)
         tau = temperature.float() if torch.is_tensor(temperature) else float(temperature)
-        logits = q @ cands.T / tau  # (B, W*B*(1+K))
-        labels = torch.arange(B, device=q.device) + rank * B  # (B,)
-        infonce = F.cross_entropy(logits, labels)
-        if symmetric:
-            q_all = all_gather_with_grad(q) if world > 1 else q  # (W*B, D)
-            logits_p = p @ q_all.T / tau  # (B, W*B)
-            infonce = 0.5 * (infonce + F.cross_entropy(logits_p, labels))
-        loss = infonce
-        kl = None
-        if teacher_scores is not None:
-            own = torch.cat([p[:, None, :], n.view(B, K, D)], dim=1)  # (B, 1+K, D)
-            student = torch.einsum("bd,bkd->bk", q, own) / tau  # (B, 1+K)
-            t_logp = F.log_softmax(teacher_scores.float() / teacher_temperature, dim=-1)
-            s_logp = F.log_softmax(student, dim=-1)
-            kl = F.kl_div(s_logp, t_logp, reduction="batchmean", log_target=True)  # KL(teacher || student)
-            loss = alpha * infonce + kl
-        t_embed = t_kl = None
-        if teacher_embed_weight:
-            tq, tp = teacher_query.float(), teacher_passage.float()
-            cos = [(q * tq).sum(-1), (p * tp).sum(-1)]
-            if K:
-                cos.append((n.view(B, K, D) * teacher_negative.float()).sum(-1).reshape(-1))
-            t_embed = (1.0 - torch.cat(cos)).mean()
-            loss = loss + teacher_embed_weight * t_embed
-        if teacher_score_weight:
+        labels = torch.arange(B, device=q_full.device) + rank * B  # (B,)
+        t_score_logp = None
+        if teacher_score_weight:  # the teacher's full-dim score rows: the same target at every Matryoshka dim
             tq = teacher_query.float()
             tp_all = all_gather_no_grad(teacher_passage.float()) if world > 1 else teacher_passage.float()
             t_cands = tp_all
             if K:
                 tn = teacher_negative.float().reshape(B * K, D)
                 t_cands = torch.cat([tp_all, all_gather_no_grad(tn) if world > 1 else tn], dim=0)
-            t_logp = F.log_softmax(tq @ t_cands.T / teacher_score_temperature, dim=-1)  # (B, W*B*(1+K))
-            t_kl = F.kl_div(F.log_softmax(logits, dim=-1), t_logp, reduction="batchmean", log_target=True)
-            loss = loss + teacher_score_weight * t_kl
+            t_score_logp = F.log_softmax(tq @ t_cands.T / teacher_score_temperature, dim=-1)  # (B, W*B*(1+K))
+
+        def at_dim(d: int) -> dict:
+            """Every term of the loss on the d-channel prefixes (renormalised; the inputs as given when d == D)."""
+            q, p, n = _prefix(q_full, d, D), _prefix(p_full, d, D), _prefix(n_full, d, D)  # (B, d) (B, d) (B*K, d)
+            p_all, n_all = _prefix(p_all_full, d, D), _prefix(n_all_full, d, D)
+            cands = p_all if n_all is None else torch.cat([p_all, n_all], dim=0)  # (W*B*(1+K), d)
+            logits = q @ cands.T / tau  # (B, W*B*(1+K))
+            infonce = F.cross_entropy(logits, labels)
+            if symmetric:
+                logits_p = p @ _prefix(q_all_full, d, D).T / tau  # (B, W*B)
+                infonce = 0.5 * (infonce + F.cross_entropy(logits_p, labels))
+            out = {"q": q, "p": p, "n": n, "logits": logits, "infonce": infonce, "loss": infonce,
+                   "kl": None, "teacher_embed": None, "teacher_kl": None}
+            if teacher_scores is not None:
+                own = torch.cat([p[:, None, :], n.view(B, K, d)], dim=1)  # (B, 1+K, d)
+                student = torch.einsum("bd,bkd->bk", q, own) / tau  # (B, 1+K)
+                t_logp = F.log_softmax(teacher_scores.float() / teacher_temperature, dim=-1)
+                s_logp = F.log_softmax(student, dim=-1)
+                out["kl"] = F.kl_div(s_logp, t_logp, reduction="batchmean", log_target=True)  # KL(teacher || student)
+                out["loss"] = alpha * infonce + out["kl"]
+            if teacher_embed_weight:
+                tq_d, tp_d = _prefix(teacher_query.float(), d, D), _prefix(teacher_passage.float(), d, D)
+                cos = [(q * tq_d).sum(-1), (p * tp_d).sum(-1)]
+                if K:
+                    tn_d = _prefix(teacher_negative.float(), d, D)  # (B, K, d)
+                    cos.append((n.view(B, K, d) * tn_d).sum(-1).reshape(-1))
+                out["teacher_embed"] = (1.0 - torch.cat(cos)).mean()
+                out["loss"] = out["loss"] + teacher_embed_weight * out["teacher_embed"]
+            if teacher_score_weight:
+                out["teacher_kl"] = F.kl_div(F.log_softmax(logits, dim=-1), t_score_logp, reduction="batchmean",
+                                             log_target=True)
+                out["loss"] = out["loss"] + teacher_score_weight * out["teacher_kl"]
+            return out
+
+        per_dim, loss, top = {}, None, None
+        d_top = max(d for d, _ in plan)
+        for d, w in plan:
+            r = at_dim(d)
+            per_dim[d] = r["loss"]
+            term = r["loss"] if w == 1.0 else w * r["loss"]
+            loss = term if loss is None else loss + term
+            if d == d_top:
+                top = r
     if not return_stats:
         return loss
+    q, p, n, logits, labels_ = top["q"], top["p"], top["n"], top["logits"], labels
     with torch.no_grad():  # at most one extra (B, N) buffer: cheap next to the loss at a 16k batch
         pos = (q * p).sum(-1)  # (B,)
         lg = logits.detach()  # (B, N) = cosine / tau
         rows = torch.arange(B, device=lg.device)
         n_cands = lg.shape[1]
-        own = lg[rows, labels]  # (B,)
+        own = lg[rows, labels_]  # (B,)
         neg_mean = (lg.sum() - own.sum()) / max(1, B * (n_cands - 1))
         masked = lg.clone()
-        masked[rows, labels] = float("-inf")
+        masked[rows, labels_] = float("-inf")
         hardest = masked.amax(-1) if n_cands > 1 else own
         correct = (masked.amax(-1) < own) if n_cands > 1 else torch.ones_like(own, dtype=torch.bool)
         del masked
         stats = ContrastiveStats(
-            infonce=infonce.detach(),
+            infonce=top["infonce"].detach(),
             pos_sim=pos.mean(),
             neg_sim=neg_mean * tau,
             hardest_neg_sim=(hardest * tau).mean(),
             accuracy=correct.float().mean(),
         )
         if K:
-            stats["hard_neg_sim"] = torch.einsum("bd,bkd->bk", q, n.view(B, K, D)).mean()
-        if kl is not None:
-            stats["kl"] = kl.detach()
-        if t_embed is not None:
-            stats["teacher_embed"] = t_embed.detach()
-        if t_kl is not None:
-            stats["teacher_kl"] = t_kl.detach()
+            stats["hard_neg_sim"] = torch.einsum("bd,bkd->bk", q, n.view(B, K, d_top)).mean()
+        for key in ("kl", "teacher_embed", "teacher_kl"):
+            if top[key] is not None:
+                stats[key] = top[key].detach()
+        if matryoshka_dims is not None:
+            for d, v in per_dim.items():
+                stats[f"loss@{d}"] = v.detach()
     return loss, stats
+
+
+def layered_contrastive_loss(
+    query_emb: torch.Tensor,
+    passage_emb: torch.Tensor,
+    negative_emb: Optional[torch.Tensor] = None,
+    *,
+    layers: Sequence[int],
+    return_stats: bool = False,
+    **kwargs,
+):
+    """2-D Matryoshka (Starbucks): contrastive_loss on the embedding of each of several layers, summed.
+
+    query_emb / passage_emb: (B, S, D) and negative_emb (B, K, S, D): the pooled, L2-normalised embeddings of the
+    S = len(layers) layers (1-based encoder layer indices, small to large). kwargs go to contrastive_loss for every
+    layer (matryoshka_dims / matryoshka_weights, teacher terms, gather...): the fixed list of (layer, dim) pairs is
+    layers x dims, every pair used in every step. Returns the summed loss; with return_stats the diagnostics of
+    the last (largest) layer, `loss@L<l>` per layer and, with matryoshka_dims, `loss@L<l>:<d>` per pair.
+    """
+    S = len(layers)
+    if query_emb.dim() != 3 or query_emb.shape[1] != S or passage_emb.shape != query_emb.shape:
+        raise ValueError(f"layered_contrastive_loss: query_emb {tuple(query_emb.shape)} and passage_emb "
+                         f"{tuple(passage_emb.shape)} must both be (B, S={S}, D) for layers {list(layers)}")
+    if negative_emb is not None and (negative_emb.dim() != 4 or negative_emb.shape[2] != S):
+        raise ValueError(f"layered_contrastive_loss: negative_emb must be (B, K, S={S}, D), got "
+                         f"{tuple(negative_emb.shape)}")
+    total, stats = None, ContrastiveStats()
+    for s, layer in enumerate(layers):
+        n = None if negative_emb is None else negative_emb[:, :, s]  # (B, K, D)
+        loss, st = contrastive_loss(query_emb[:, s], passage_emb[:, s], n, return_stats=True, **kwargs)
+        total = loss if total is None else total + loss
+        stats[f"loss@L{layer}"] = loss.detach()
+        for k, v in st.items():
+            if k.startswith("loss@"):
+                stats[f"loss@L{layer}:{k[5:]}"] = v
+            elif s == S - 1:
+                stats[k] = v
+    return (total, stats) if return_stats else total

@@ -22,6 +22,7 @@ import math
 import shutil
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -31,13 +32,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ropebert.errors import InputError
-from ropebert.model import RopeBertModel
+from ropebert.model import RopeBertModel, mean_pool
 from ropebert.model.load import load_source
 from ropebert.model.load.checkpoint import CHECKPOINT_KEY, checkpoint_payload, tokenizer_files
 from ropebert.shards.datamodule import ShardDataModule
 
 from .gradcache import allreduce_gradients, contrastive_step, split_batch
-from .loss import contrastive_loss, dist_info, hidden_alignment
+from .loss import contrastive_loss, dist_info, hidden_alignment, layered_contrastive_loss
 from .teacher import Teacher, student_hidden
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,66 @@ def load_init_model(init_from: str, rope_theta: Optional[float] = None) -> RopeB
     return model
 
 
+def check_matryoshka(dims: Optional[list[int]], weights: Optional[list[float]],
+                     hidden_size: int) -> Optional[tuple[list[int], list[float]]]:
+    """(dims, weights) of model.matryoshka_dims / matryoshka_weights, checked against the model's hidden size;
+    None without dims. Every problem is an InputError naming the setting."""
+    if dims is None:
+        return None
+    if isinstance(dims, (int, str)) or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        raise InputError(f"model.matryoshka_dims must be a list of integers, e.g. [384, 256, 128, 64]; got {dims!r}")
+    dims = list(dims)
+    if not dims:
+        raise InputError("model.matryoshka_dims is empty; omit it (null) to train the full embedding only")
+    big = [d for d in dims if d > hidden_size]
+    if big:
+        raise InputError(f"model.matryoshka_dims {dims}: {big} larger than the model's hidden size {hidden_size}")
+    small = [d for d in dims if d < 1]
+    if small:
+        raise InputError(f"model.matryoshka_dims {dims}: {small} must be >= 1")
+    steps = [b - a for a, b in zip(dims, dims[1:])]
+    if not (all(s < 0 for s in steps) or all(s > 0 for s in steps)):
+        raise InputError(f"model.matryoshka_dims {dims} must be strictly ordered (no repeats, one direction), "
+                         f"e.g. [{hidden_size}, {hidden_size // 2}, {hidden_size // 4}]")
+    if weights is None:
+        weights = [1.0] * len(dims)
+    weights = list(weights)
+    if len(weights) != len(dims):
+        raise InputError(f"model.matryoshka_weights has {len(weights)} entries {weights} for {len(dims)} "
+                         f"model.matryoshka_dims {dims}; give one weight per dim")
+    if not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights):
+        raise InputError(f"model.matryoshka_weights {weights} must be finite numbers >= 0")
+    return dims, [float(w) for w in weights]
+
+
+def check_matryoshka_layers(layers: Optional[list[int]], num_layers: int) -> Optional[list[int]]:
+    """The trained layers of model.matryoshka_layers (1-based, strictly increasing, the last layer added when
+    absent); None without them. Every problem is an InputError naming the setting."""
+    if layers is None:
+        return None
+    if isinstance(layers, (int, str)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+        raise InputError(f"model.matryoshka_layers must be a list of layer numbers, e.g. [2, 4, 6]; got {layers!r}")
+    layers = list(layers)
+    if not layers:
+        raise InputError("model.matryoshka_layers is empty; omit it (null) to train the last layer only")
+    bad = [x for x in layers if not 1 <= x <= num_layers]
+    if bad:
+        raise InputError(f"model.matryoshka_layers {layers}: {bad} out of range; the model has {num_layers} layers, "
+                         f"numbered 1..{num_layers} (layer l = the output of the l-th encoder layer)")
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise InputError(f"model.matryoshka_layers {layers} must be strictly increasing (small to large)")
+    return layers if layers[-1] == num_layers else layers + [num_layers]
+
+
+def layer_embeddings(model: RopeBertModel, ids: torch.Tensor, mask: torch.Tensor, layers: list[int],
+                     hidden: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+    """(N, S, C) pooled, L2-normalised embeddings of the given layers (1-based; hidden_states[l]), from the
+    model's hidden states (computed here unless given: (N, L, C) per layer, index 0 = embeddings)."""
+    if hidden is None:
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, return_dict=True).hidden_states
+    return torch.stack([mean_pool(hidden[x], mask) for x in layers], dim=1)
+
+
 def _step_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
     h = hashlib.blake2b(f"{seed}:{epoch}:{batch}:{rank}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
@@ -92,6 +153,9 @@ class RopeBertContrastive(L.LightningModule):
         teacher_hidden_kind: Literal["cos", "mse"] = "cos",
         teacher_embed_weight: float = 0.0,
         teacher_score_weight: float = 0.0,
+        matryoshka_dims: Optional[list[int]] = None,
+        matryoshka_weights: Optional[list[float]] = None,
+        matryoshka_layers: Optional[list[int]] = None,
         lr: float = 2e-4,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -139,6 +203,18 @@ class RopeBertContrastive(L.LightningModule):
             teacher_embed_weight: weight of mean(1 - cos(student, teacher)) of the pooled embeddings. 0 = off.
             teacher_score_weight: weight of KL(softmax(teacher scores / T) || softmax(student logits)) over each
                 local query's row of the global score matrix (in-batch and hard negatives). 0 = off.
+            matryoshka_dims: Matryoshka embedding sizes, strictly ordered, each <= the hidden size, e.g.
+                [384, 256, 128, 64]: the loss (and every teacher term) is computed on each L2-renormalised prefix
+                of the embeddings and summed with matryoshka_weights. It reads the full (cached) embeddings, so it
+                runs unchanged under GradCache and gather. Recorded in the model's config (`matryoshka_dims`).
+                None = the plain loss on the full embedding.
+            matryoshka_weights: one weight per matryoshka_dims entry (default: all 1.0).
+            matryoshka_layers: 2-D Matryoshka (Starbucks): encoder layers (1-based, strictly increasing, e.g.
+                [2, 4, 6]) whose pooled, L2-normalised outputs are trained as embeddings too; the last layer is
+                always trained (added when not listed). The fixed list of (layer, dim) pairs, layers x
+                matryoshka_dims (or the full dim), is used in every step and the losses are summed. GradCache
+                caches every layer's embedding of a text ((N, S, D)) and one replay backpropagates them together.
+                Recorded in the model's config (`matryoshka_layers`). None = the last layer only.
             lr: peak learning rate (AdamW).
             weight_decay: AdamW decoupled weight decay; never on biases, LayerNorm weights or the temperature.
             betas: AdamW betas.
@@ -188,6 +264,8 @@ class RopeBertContrastive(L.LightningModule):
             raise InputError("model.teacher_*_weight > 0 needs model.teacher (a teacher model directory)")
         if max_nonfinite < 1:
             raise InputError(f"model.max_nonfinite must be >= 1, got {max_nonfinite}")
+        if matryoshka_weights is not None and matryoshka_dims is None:
+            raise InputError("model.matryoshka_weights needs model.matryoshka_dims")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.model = load_init_model(init_from, rope_theta)
@@ -204,6 +282,15 @@ class RopeBertContrastive(L.LightningModule):
                     m.p = float(hidden_dropout)
         if attention_dropout is not None:
             cfg.attention_probs_dropout_prob = float(attention_dropout)
+        self._matryoshka = check_matryoshka(matryoshka_dims, matryoshka_weights, cfg.hidden_size)
+        self._layers = check_matryoshka_layers(matryoshka_layers, cfg.num_hidden_layers)
+        if getattr(cfg, "embedding_dim", None) is not None:
+            logger.warning("model.init_from %s is cut to embedding_dim=%s; training uses all %d channels", init_from,
+                           cfg.embedding_dim, cfg.hidden_size)
+            cfg.embedding_dim = None
+        # the config records what this run trains (exports carry it into config.json)
+        cfg.matryoshka_dims = None if self._matryoshka is None else list(self._matryoshka[0])
+        cfg.matryoshka_layers = None if self._layers is None else list(self._layers)
         self.model.set_attn_backend(attn_backend)
         try:
             tok = self.model.tokenizer
@@ -328,6 +415,8 @@ class RopeBertContrastive(L.LightningModule):
     # -- the step -------------------------------------------------------------------------------------------
 
     def _embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self._layers:
+            return layer_embeddings(self.model, ids, mask, self._layers)  # (N, S, D) fp32, L2-normalised
         return self.model.embed(ids, mask)  # (N, D) fp32, L2-normalised
 
     def _teacher_on(self, device: torch.device) -> Teacher:
@@ -351,6 +440,8 @@ class RopeBertContrastive(L.LightningModule):
             if not torch.is_grad_enabled():
                 return self._embed(ids, mask)
             pooled, hs = student_hidden(self.model, ids, mask)
+            if self._layers:
+                pooled = layer_embeddings(self.model, ids, mask, self._layers, hidden=hs)  # (N, S, D)
             _, ths, _ = self._teacher_on(ids.device)(ids, mask, hidden=True)
             per_example = hidden_alignment(hs, ths, mask, self._layer_map, hp.teacher_hidden_kind)  # (N,)
             return pooled, hp.teacher_hidden_weight * per_example.sum() / n_texts
@@ -374,23 +465,25 @@ class RopeBertContrastive(L.LightningModule):
         teacher = batch.get("teacher_scores") if (hp.stage == "finetune" and hp.distill) else None
         t = teacher_embs or {}
         shard_t = getattr(self, "_shard_score_temperature", None) or hp.teacher_temperature or 1.0
+        mdims, mweights = self._matryoshka or (None, None)
 
         def fn(embs: dict[str, torch.Tensor]):
-            q, p = embs["query"], embs["passage"]
+            q, p = embs["query"], embs["passage"]  # (B, D), or (B, S, D) with matryoshka_layers
             n = tn = None
             if "negatives" in embs:
                 k = embs["negatives"].shape[0] // q.shape[0]
-                n = embs["negatives"].view(q.shape[0], k, -1)  # (B, K, D)
+                n = embs["negatives"].view(q.shape[0], k, *q.shape[1:])  # (B, K, D) or (B, K, S, D)
                 if "negatives" in t:
                     tn = t["negatives"].view(q.shape[0], k, -1)
-            return contrastive_loss(
+            loss = contrastive_loss if not self._layers else partial(layered_contrastive_loss, layers=self._layers)
+            return loss(
                 q, p, n, temperature=self.temperature(), teacher_scores=teacher, alpha=hp.alpha,
                 teacher_temperature=shard_t, symmetric=hp.symmetric, gather=hp.gather,
                 teacher_query=t.get("query"), teacher_passage=t.get("passage"), teacher_negative=tn,
                 teacher_embed_weight=hp.teacher_embed_weight if t else 0.0,
                 teacher_score_weight=hp.teacher_score_weight if t else 0.0,
                 teacher_score_temperature=hp.teacher_temperature or LIVE_TEACHER_TEMPERATURE,
-                return_stats=True)
+                matryoshka_dims=mdims, matryoshka_weights=mweights, return_stats=True)
 
         return fn
 
@@ -451,6 +544,9 @@ class RopeBertContrastive(L.LightningModule):
         for k in ("pos_sim", "neg_sim", "hardest_neg_sim", "hard_neg_sim", "accuracy", "infonce", "kl",
                   "teacher_embed", "teacher_kl"):
             if k in stats:
+                log[f"train/{k}"] = stats[k].float()
+        for k in stats:
+            if k.startswith("loss@"):  # each Matryoshka dim's (unweighted) loss
                 log[f"train/{k}"] = stats[k].float()
         if "aux" in stats and hp.teacher_hidden_weight:
             log["train/teacher_hidden"] = (stats["aux"] / hp.teacher_hidden_weight).float()

@@ -126,3 +126,26 @@ def test_split_batch_trims_each_chunk():
     parts = split_batch({"input_ids": ids, "attention_mask": mask}, 2)
     assert [tuple(p["input_ids"].shape) for p in parts] == [(2, 9), (2, 3)]
     assert allreduce_gradients(_model().parameters()) == 0  # no process group: no collective
+
+
+@pytest.mark.parametrize("with_negatives", [False, True])
+def test_matryoshka_gradcache_equals_no_cache(with_negatives):
+    """The Matryoshka loss reads only the cached full embeddings: GradCache gives the uncached gradients."""
+    def loss_fn(embs):
+        n = embs["negatives"].view(B, K, -1) if "negatives" in embs else None
+        return contrastive_loss(embs["query"], embs["passage"], n, temperature=0.05, symmetric=True,
+                                matryoshka_dims=[32, 16, 8, 4], matryoshka_weights=[1.0, 1.0, 0.5, 0.5],
+                                return_stats=True)
+
+    ref = _model()
+    r0 = contrastive_step(ref.embed, _groups(with_negatives), loss_fn, chunk_size=None)
+    gc = _model()
+    r1 = contrastive_step(gc.embed, _groups(with_negatives), loss_fn, chunk_size=2)
+    plain = contrastive_step(_model().embed, _groups(with_negatives), _loss_fn, chunk_size=None)
+    assert r0.finite and r1.finite and r0.loss.item() > plain.loss.item()  # three more weighted terms
+    torch.testing.assert_close(r1.loss, r0.loss, rtol=1e-6, atol=1e-6)
+    assert set(r1.stats) >= {"loss@32", "loss@16", "loss@8", "loss@4"}
+    g0, g1 = _grads(ref), _grads(gc)
+    assert set(g0) == set(g1) and len(g0) == len(list(ref.parameters()))
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")

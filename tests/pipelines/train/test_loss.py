@@ -101,6 +101,60 @@ def test_bad_shapes_are_errors():
         contrastive_loss(q, p, temperature=0.0)
 
 
+# -- Matryoshka: the sum of the single-dim losses, each on renormalised prefixes ---------------------------------
+
+
+def _norm_prefix(x, d):
+    return F.normalize(x[..., :d], dim=-1)
+
+
+def test_matryoshka_equals_weighted_sum_of_single_dim_losses():
+    """Every term (InfoNCE both ways, shard-score KL, teacher embed and teacher score KL) per dim, summed with the
+    weights; the teacher score target stays the teacher's full-dim score row."""
+    B, K, D = 4, 3, 16
+    q, p, n = _unit(B, D, seed=1), _unit(B, D, seed=2), _unit(B, K, D, seed=3)
+    tq, tp, tn = _unit(B, D, seed=4), _unit(B, D, seed=5), _unit(B, K, D, seed=6)
+    scores = torch.randn(B, 1 + K, generator=torch.Generator().manual_seed(7))
+    dims, weights = [16, 8, 4], [1.0, 0.5, 0.25]
+    kw = dict(temperature=0.05, teacher_scores=scores, alpha=0.3, symmetric=True)
+    got, stats = contrastive_loss(q, p, n, **kw, teacher_query=tq, teacher_passage=tp, teacher_negative=tn,
+                                  teacher_embed_weight=0.7, teacher_score_weight=0.4, teacher_score_temperature=0.1,
+                                  matryoshka_dims=dims, matryoshka_weights=weights, return_stats=True)
+    t_cands = torch.cat([tp, tn.reshape(B * K, D)])
+    t_logp = torch.log_softmax(tq @ t_cands.T / 0.1, dim=-1)  # full-dim teacher rows
+    want = 0.0
+    for d, w in zip(dims, weights):
+        qd, pd, nd = _norm_prefix(q, d), _norm_prefix(p, d), _norm_prefix(n, d)
+        single = _reference(qd, pd, nd, tau=0.05, teacher=scores, alpha=0.3, symmetric=True)
+        embed = 1 - torch.cat([(qd * _norm_prefix(tq, d)).sum(-1), (pd * _norm_prefix(tp, d)).sum(-1),
+                               (nd * _norm_prefix(tn, d)).sum(-1).reshape(-1)]).mean()
+        s_logp = torch.log_softmax(qd @ torch.cat([pd, nd.reshape(B * K, d)]).T / 0.05, dim=-1)
+        tkl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+        total_d = single + 0.7 * embed + 0.4 * tkl
+        assert stats[f"loss@{d}"].item() == pytest.approx(total_d.item(), rel=1e-4), d
+        want = want + w * total_d
+    assert got.item() == pytest.approx(want.item(), rel=1e-4)
+    # the plain call at d = D is the first term; the prefixes really differ from it
+    full = contrastive_loss(q, p, n, **kw, teacher_query=tq, teacher_passage=tp, teacher_negative=tn,
+                            teacher_embed_weight=0.7, teacher_score_weight=0.4, teacher_score_temperature=0.1)
+    assert full.item() == pytest.approx(stats["loss@16"].item(), rel=1e-6)
+    assert abs(stats["loss@4"].item() - stats["loss@16"].item()) > 1e-3
+    assert stats["infonce"].item() == pytest.approx(contrastive_loss(q, p, n, temperature=0.05, symmetric=True).item(),
+                                                    rel=1e-6)  # the diagnostics are the largest dim's
+
+
+def test_matryoshka_bad_arguments_are_errors():
+    q, p = _unit(4, 8), _unit(4, 8)
+    with pytest.raises(ValueError, match=r"\[16\] outside 1..8"):
+        contrastive_loss(q, p, matryoshka_dims=[16, 4])
+    with pytest.raises(ValueError, match="strictly ordered"):
+        contrastive_loss(q, p, matryoshka_dims=[4, 8, 2])
+    with pytest.raises(ValueError, match="2 matryoshka_weights"):
+        contrastive_loss(q, p, matryoshka_dims=[8, 4, 2], matryoshka_weights=[1.0, 1.0])
+    with pytest.raises(ValueError, match="without matryoshka_dims"):
+        contrastive_loss(q, p, matryoshka_weights=[1.0])
+
+
 # -- 2 gloo ranks x B == 1 process x 2B (loss and every parameter gradient) -------------------------------------
 
 
@@ -118,7 +172,7 @@ def _scenario_inputs(K: int):
     return q, p, n
 
 
-def _run_scenario(model, rows, K, distill, symmetric, gradcache_chunk, gather):
+def _run_scenario(model, rows, K, distill, symmetric, gradcache_chunk, gather, dims=None):
     """Embeds the selected rows and runs one contrastive step; returns the loss (param grads accumulate)."""
     from ropebert.pipelines.train.gradcache import contrastive_step
 
@@ -136,17 +190,20 @@ def _run_scenario(model, rows, K, distill, symmetric, gradcache_chunk, gather):
     def loss_fn(embs):
         neg = embs["negatives"].view(B, K, -1) if K else None
         return contrastive_loss(embs["query"], embs["passage"], neg, temperature=0.05, teacher_scores=teacher,
-                                symmetric=symmetric, gather=gather, return_stats=True)
+                                symmetric=symmetric, gather=gather, matryoshka_dims=dims,
+                                matryoshka_weights=None if dims is None else [1.0, 0.5, 2.0][: len(dims)],
+                                return_stats=True)
 
     res = contrastive_step(lambda i, m: model.embed(i, m), groups, loss_fn, chunk_size=gradcache_chunk)
     return res.loss
 
 
-SCENARIOS = [  # (K, distill, symmetric, gradcache_chunk)
-    (0, False, False, None),
-    (0, False, True, 3),
-    (7, True, False, None),
-    (7, False, True, 2),
+SCENARIOS = [  # (K, distill, symmetric, gradcache_chunk, matryoshka_dims)
+    (0, False, False, None, None),
+    (0, False, True, 3, None),
+    (7, True, False, None, None),
+    (7, False, True, 2, None),
+    (7, True, True, 3, [32, 16, 8]),
 ]
 
 
@@ -168,14 +225,14 @@ def _dist_worker(rank, world, port, out_dir):
         return real_all_reduce(t, *a, **kw)
 
     results = []
-    for si, (K, distill, symmetric, chunk) in enumerate(SCENARIOS):
+    for si, (K, distill, symmetric, chunk, dims) in enumerate(SCENARIOS):
         torch.manual_seed(0)
         model = RopeBertModel(tiny_config()).train()
         rows = torch.arange(rank * 4, (rank + 1) * 4)
         calls.clear()
         calls["n"] = 0
         gradcache.dist.all_reduce = counting_all_reduce
-        loss = _run_scenario(model, rows, K, distill, symmetric, chunk, gather=True)
+        loss = _run_scenario(model, rows, K, distill, symmetric, chunk, gather=True, dims=dims)
         before = list(calls.get("sizes", []))
         n_grad_reduce = gradcache.allreduce_gradients(model.parameters())
         gradcache.dist.all_reduce = real_all_reduce
@@ -202,10 +259,10 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     # root is never put on sys.path)
     mp.start_processes(_dist_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    for si, (K, distill, symmetric, chunk) in enumerate(SCENARIOS):
+    for si, (K, distill, symmetric, chunk, dims) in enumerate(SCENARIOS):
         torch.manual_seed(0)
         model = RopeBertModel(tiny_config()).train()
-        loss = _run_scenario(model, torch.arange(8), K, distill, symmetric, None, gather=False)
+        loss = _run_scenario(model, torch.arange(8), K, distill, symmetric, None, gather=False, dims=dims)
         for r in range(2):
             got = ranks[r][si]
             assert got["loss"] == pytest.approx(loss.item(), rel=1e-5, abs=1e-6), (si, r)
