@@ -177,6 +177,21 @@ def export_model(
     return out
 
 
+def read_calibration(path: str, tokenizer, max_length: int = 128) -> list[list[int]]:
+    """Token ids of a calibration text file (UTF-8, one text per line, blank lines skipped)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--calibration: {path!r} does not exist")
+    try:
+        texts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as e:
+        raise InputError(f"--calibration: {path} is not UTF-8 text ({e})") from None
+    texts = [t for t in texts if t]
+    if not texts:
+        raise InputError(f"--calibration: {path} has no text (one text per line)")
+    return [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(
         prog="ropebert export",
@@ -190,6 +205,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--fold-positions", type=int, default=0, metavar="N",
                     help="APE BERT sources: fold the mean of the first N position vectors into the token-type "
                          "embeddings instead of only dropping the table (0: drop only, the published recipe)")
+    ap.add_argument("--fold-first-token", action="store_true",
+                    help="APE BERT sources: add the position-0 vector to the word embedding of the token that always "
+                         "starts a sequence (the tokenizer's [CLS]); exact, since that token sits nowhere else")
+    ap.add_argument("--rotary-basis", action="store_true",
+                    help="APE BERT sources: re-base each head's q and k so their score-carrying directions sit on "
+                         "the slowest rotary frequencies (exact without rotary; see model/load/convert.py)")
+    ap.add_argument("--calibration", default=None, metavar="FILE",
+                    help="--rotary-basis statistics from these texts (UTF-8, one per line) instead of seeded random "
+                         "tokens")
     ap.add_argument("--query-prompt", default=None, help="sentence-transformers prompt of queries (default 'query: ')")
     ap.add_argument("--passage-prompt", default=None, help="prompt of passages (default 'passage: ')")
     ap.add_argument("--max-seq-length", type=int, default=None, help="sentence-transformers max_seq_length")
@@ -205,10 +229,24 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="reload OUT with plain transformers + sentence-transformers in a fresh process (ropebert "
                          "blocked) and compare embeddings with ropebert's (max |diff| <= 1e-5)")
     args = ap.parse_args(argv)
-    if args.fold_positions:
+    conversion = {"--fold-positions": bool(args.fold_positions), "--fold-first-token": args.fold_first_token,
+                  "--rotary-basis": args.rotary_basis, "--calibration": args.calibration is not None}
+    if any(conversion.values()):
+        named = ", ".join(k for k, v in conversion.items() if v)
         if not (Path(args.src).is_dir() and is_ape_bert(read_config(args.src))):
-            raise InputError("--fold-positions applies to an APE BERT source directory only")
-        model = from_bert(args.src, fold_positions=args.fold_positions)
+            raise InputError(f"{named}: applies to an APE BERT source directory only ({args.src} is not one)")
+        if args.calibration is not None and not args.rotary_basis:
+            raise InputError("--calibration: only used with --rotary-basis")
+        src_tok = AutoTokenizer.from_pretrained(args.tokenizer or args.src, trust_remote_code=False)
+        first = None
+        if args.fold_first_token:
+            first = src_tok.cls_token_id
+            if first is None:
+                raise InputError(f"--fold-first-token: the tokenizer of {args.tokenizer or args.src} has no "
+                                 "cls_token (the token that starts every sequence)")
+        calibration = read_calibration(args.calibration, src_tok) if args.calibration else None
+        model = from_bert(args.src, fold_positions=args.fold_positions, first_token_id=first,
+                          rotary_basis=args.rotary_basis, calibration=calibration)
     else:
         model = load_source(args.src)
     prompts = dict(DEFAULT_PROMPTS)
