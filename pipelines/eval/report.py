@@ -3,6 +3,8 @@
 
     heatmap:   methods x lengths, Acc@1 in % (LongEmbed Fig. 1b style), one cell per (method, length)
     bar chart: systems x {nDCG@10, MRR@10, Recall@100} for retrieval runs
+    sizes:     nDCG@10 against bytes per vector (log x) of a retrieval run with --dims / --quantize: one line
+               per (system, precision) through its dims, each point labelled with its dim; BM25 a dashed line
 """
 
 from __future__ import annotations
@@ -106,6 +108,49 @@ def retrieval_bar_chart(results: Sequence[dict], path, title: str = "",
     ax.set_ylabel("score")
     ax.set_title(title or "retrieval", fontsize=10)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=1, frameon=False)
+    fig.tight_layout()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    return p
+
+
+def ndcg_bytes_chart(results: Sequence[dict], path, title: str = "", metric: str = "ndcg@10") -> Path:
+    """results: retrieval results; those with a `quantized` list ({dim, precision, rescore, bytes_per_vector,
+    metrics}) give one line per (system, precision, rescore), the others (BM25) a horizontal dashed line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 4.4))
+    markers = {"float32": "o", "int8": "s", "binary": "^"}
+    n_lines = 0
+    for r in results:
+        name = r.get("label", r["name"])
+        short = name if len(name) <= 40 else "…" + name[-39:]
+        if "quantized" not in r:
+            ax.axhline(r["metrics"][metric], ls="--", lw=1, color="grey")
+            ax.annotate(short, (0.01, r["metrics"][metric]), xycoords=("axes fraction", "data"), fontsize=7,
+                        color="grey", va="bottom")
+            continue
+        groups: dict = {}
+        for e in r["quantized"]:
+            groups.setdefault((e["precision"], e.get("rescore")), []).append(e)
+        for (precision, rescore), es in groups.items():
+            es = sorted(es, key=lambda e: e["bytes_per_vector"])
+            xs, ys = [e["bytes_per_vector"] for e in es], [e["metrics"][metric] for e in es]
+            label = f"{short} · {precision}" + (f" + rescore {rescore}" if rescore else "")
+            ax.plot(xs, ys, marker=markers.get(precision, "o"), label=label)
+            for e, x, y in zip(es, xs, ys):
+                ax.annotate(str(e["dim"]), (x, y), textcoords="offset points", xytext=(3, 4), fontsize=6)
+            n_lines += 1
+    if n_lines == 0:
+        plt.close(fig)
+        raise ValueError("sizes chart: no result has a 'quantized' list (run with --dims / --quantize)")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per vector (log scale)")
+    ax.set_ylabel(metric.replace("ndcg", "nDCG"))
+    ax.set_title(title or f"{metric} against bytes per vector", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
     fig.tight_layout()
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

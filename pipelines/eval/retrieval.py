@@ -8,6 +8,10 @@ sentence-transformers baselines side by side; nDCG@10 / MRR@10 / Recall@100 (tre
               blocked matmul (faiss IndexFlatIP when installed and asked for)
     systems:  --model DIR (ropebert: exported, RoPE BERT, or APE BERT converted on the fly), repeatable;
               --baseline bm25 (bm25s) and --baseline st:DIR (any sentence-transformers / HF dir), repeatable
+    sizes:    --dims 384,256,128,64 --quantize float32,int8,binary [--rescore K]: every dense system is encoded
+              once at full size, then searched at every (dim, precision): Matryoshka prefix renormalised,
+              int8 calibrated on the corpus / binary by Hamming distance, optional float rescoring of the top K
+              (pipelines/search.py); nDCG@10 / MRR@10 / Recall@100, bytes per vector and search time each
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ from ropebert.errors import InputError
 from ropebert.model.load import is_ape_bert, load_source, read_config
 from ropebert.shards.beir import passage_text, read_beir
 
-from ..search import INDEXES, exact_topk
+from ..search import INDEXES, PRECISIONS, bytes_per_vector, exact_topk, matryoshka_prefix, quantized_search
 from .metrics import evaluate_run
-from .report import markdown_table, retrieval_bar_chart, write_json
+from .report import markdown_table, ndcg_bytes_chart, retrieval_bar_chart, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +163,9 @@ class RopeBertEncoder:
             **self.encode_kwargs,
         )
 
+    def embedding_size(self) -> int:
+        return int(self.model.config.output_dim)
+
     def describe(self) -> dict:
         c = self.model.config
         return {"kind": self.kind, "model": self.name, "prefixes": self.prefixes, "rope_theta": c.rope_theta,
@@ -196,6 +203,11 @@ class SentenceTransformerEncoder:
             show_progress_bar=self.settings.show_progress_bar,
         )
         return emb.float().cpu()
+
+    def embedding_size(self) -> Optional[int]:
+        get = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        n = get()  # sentence-transformers >= 6 renamed it
+        return int(n) if n is not None else None
 
     def describe(self) -> dict:
         return {"kind": self.kind, "model": self.name, "prefixes": self.prefixes,
@@ -244,14 +256,117 @@ def short_path(p: str, parts: int = 2) -> str:
     return "/".join(Path(p).parts[-parts:]) if p else p
 
 
-def dense_search(encoder, data: BeirData, k: int, index: str = "auto") -> dict[str, dict[str, float]]:
-    q = encoder.encode(data.query_texts, "query")  # (Q, C)
-    d = encoder.encode(data.corpus_texts, "passage")  # (N, C)
-    scores, idx = exact_topk(q, d, k, index=index)
+def encode_data(encoder, data: BeirData) -> tuple[torch.Tensor, torch.Tensor]:
+    """(queries (Q, C), documents (N, C)) embeddings at the encoder's full size."""
+    return encoder.encode(data.query_texts, "query"), encoder.encode(data.corpus_texts, "passage")
+
+
+def run_from_topk(data: BeirData, scores: torch.Tensor, idx: torch.Tensor) -> dict[str, dict[str, float]]:
     return {
         qid: {data.corpus_ids[int(j)]: float(s) for s, j in zip(scores[qi].tolist(), idx[qi].tolist())}
         for qi, qid in enumerate(data.query_ids)
     }
+
+
+def dense_search(encoder, data: BeirData, k: int, index: str = "auto") -> dict[str, dict[str, float]]:
+    q, d = encode_data(encoder, data)
+    scores, idx = exact_topk(q, d, k, index=index)
+    return run_from_topk(data, scores, idx)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sizes: Matryoshka dims x precisions (--dims / --quantize / --rescore)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SizeSweep:
+    dims: Optional[list[int]]  # None: each system's full size
+    precisions: list[str]
+    rescore: Optional[int] = None  # applies to int8 and binary
+
+
+def parse_dims(text: str) -> list[int]:
+    items = [t.strip() for t in str(text).split(",")]
+    if not items or any(not t for t in items):
+        raise InputError(f"--dims: expected comma-separated sizes such as 384,256,128, got {text!r}")
+    dims = []
+    for t in items:
+        try:
+            n = int(t)
+        except ValueError:
+            raise InputError(f"--dims: {t!r} is not an integer (in {text!r})") from None
+        if n < 1:
+            raise InputError(f"--dims: sizes must be >= 1, got {n}")
+        if n in dims:
+            raise InputError(f"--dims: {n} is given twice (in {text!r})")
+        dims.append(n)
+    return dims
+
+
+def parse_precisions(text: str) -> list[str]:
+    items = [t.strip() for t in str(text).split(",")]
+    out = []
+    for t in items:
+        if t not in PRECISIONS:
+            raise InputError(f"--quantize: unknown precision {t!r} (choose from {','.join(PRECISIONS)})")
+        if t in out:
+            raise InputError(f"--quantize: {t} is given twice (in {text!r})")
+        out.append(t)
+    return out
+
+
+def size_sweep_from_args(dims: Optional[str], quantize: Optional[str], rescore: Optional[int]) -> Optional[SizeSweep]:
+    """None when neither --dims nor --quantize is given (the plain evaluation)."""
+    if rescore is not None:
+        if rescore < 1:
+            raise InputError(f"--rescore must be >= 1, got {rescore}")
+        if quantize is None or not set(parse_precisions(quantize)) & {"int8", "binary"}:
+            raise InputError("--rescore K re-scores int8 / binary results: it needs --quantize with int8 or binary")
+    if dims is None and quantize is None:
+        return None
+    return SizeSweep(parse_dims(dims) if dims is not None else None,
+                     parse_precisions(quantize) if quantize is not None else ["float32"], rescore)
+
+
+def check_dims(dims: Sequence[int], size: Optional[int], name: str) -> None:
+    for n in dims:
+        if size is not None and n > size:
+            raise InputError(f"--dims: {n} is larger than the embedding size {size} of {name}")
+
+
+def declared_embedding_size(spec: str) -> Optional[int]:
+    """The embedding size a ropebert model directory's config.json declares (None when not known without
+    loading the model): checked before any model is evaluated, so a bad --dims fails at once."""
+    if spec.startswith("ropebert:"):
+        spec = spec[len("ropebert:"):]
+    if spec == "bm25" or spec.startswith("st:") or not (Path(spec) / "config.json").is_file():
+        return None
+    cfg = read_config(spec)
+    n = cfg.get("embedding_dim") or cfg.get("hidden_size")
+    return int(n) if isinstance(n, int) and not isinstance(n, bool) else None
+
+
+def size_sweep_search(q: torch.Tensor, d: torch.Tensor, data: BeirData, k: int, index: str,
+                      sweep: SizeSweep) -> list[dict]:
+    """One entry per (dim, precision), dims outer: metrics, bytes per document vector, and the search time
+    (quantising corpus and queries, top-k, rescoring; encoding excluded)."""
+    import sentence_transformers.util.quantization  # noqa: F401  (imported before the first clock starts)
+
+    out = []
+    for dim in sweep.dims or [d.shape[1]]:
+        qd, dd = matryoshka_prefix(q, dim), matryoshka_prefix(d, dim)
+        for precision in sweep.precisions:
+            rescore = sweep.rescore if precision != "float32" else None
+            t0 = time.perf_counter()
+            scores, idx = quantized_search(qd, dd, k, precision, rescore=rescore, index=index)
+            search_s = time.perf_counter() - t0
+            ev = evaluate_run(data.qrels, run_from_topk(data, scores, idx))
+            out.append({"dim": dim, "precision": precision, "rescore": rescore,
+                        "bytes_per_vector": bytes_per_vector(dim, precision), "metrics": ev["metrics"],
+                        "num_queries_evaluated": ev["num_queries_evaluated"],
+                        "search_time_s": round(search_s, 6)})
+    return out
 
 
 def build_system(spec: str, settings: EncodeSettings):
@@ -265,11 +380,25 @@ def build_system(spec: str, settings: EncodeSettings):
     return RopeBertEncoder(spec, settings)
 
 
-def run_system(system, data: BeirData, k: int = 100, index: str = "auto") -> dict:
+def run_system(system, data: BeirData, k: int = 100, index: str = "auto", sweep: Optional[SizeSweep] = None) -> dict:
+    """One system's evaluation; with `sweep`, a dense system is encoded once and also searched at every
+    (dim, precision) of the sweep (the entry's `quantized` list; BM25 is evaluated once, as without it)."""
     t0 = time.perf_counter()
-    run = system.search(data, k) if isinstance(system, BM25Retriever) else dense_search(system, data, k, index)
+    sizes = None
+    if isinstance(system, BM25Retriever):
+        run = system.search(data, k)
+    elif sweep is None:
+        run = dense_search(system, data, k, index)
+    else:
+        check_dims(sweep.dims or [], system.embedding_size(), system.name)
+        t_enc = time.perf_counter()
+        q, d = encode_data(system, data)
+        encode_s = time.perf_counter() - t_enc
+        check_dims(sweep.dims or [], q.shape[1], system.name)
+        run = run_from_topk(data, *exact_topk(q, d, k, index=index))
+        sizes = size_sweep_search(q, d, data, k, index, sweep)
     ev = evaluate_run(data.qrels, run)
-    return {
+    out = {
         "name": system.name,
         **system.describe(),
         "metrics": ev["metrics"],
@@ -278,6 +407,34 @@ def run_system(system, data: BeirData, k: int = 100, index: str = "auto") -> dic
         "per_query": ev["per_query"],
         "wall_time_s": round(time.perf_counter() - t0, 3),
     }
+    if sizes is not None:
+        out["encode_time_s"] = round(encode_s, 3)
+        out["embedding_size"] = int(q.shape[1])
+        out["quantized"] = sizes
+    return out
+
+
+SIZE_HEADER = ["system", "dim", "precision", "rescore", "bytes/vector", "nDCG@10", "MRR@10", "Recall@100", "search ms"]
+
+
+def size_rows(results: Sequence[dict]) -> list[list]:
+    """Rows of the sizes table: one per (system, dim, precision); BM25 once, without a size."""
+    rows = []
+    for r in results:
+        m = ("ndcg@10", "mrr@10", "recall@100")
+        if "quantized" not in r:
+            rows.append([r["label"], "-", "-", "-", "-"] + [r["metrics"][x] for x in m] + ["-"])
+            continue
+        for e in r["quantized"]:
+            rows.append([r["label"], e["dim"], e["precision"], e["rescore"] if e["rescore"] else "-",
+                         e["bytes_per_vector"]] + [e["metrics"][x] for x in m] + [f"{1000 * e['search_time_s']:.1f}"])
+    return rows
+
+
+def size_plot_path(plot: str | Path) -> Path:
+    """Where --plot FILE.png puts the nDCG@10-vs-bytes chart of a sweep: FILE-sizes.png beside it."""
+    p = Path(plot)
+    return p.with_name(f"{p.stem}-sizes{p.suffix or '.png'}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -309,23 +466,38 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--max-queries", type=int, default=None, help="evaluate only the first N judged queries")
     ap.add_argument("--max-docs", type=int, default=None,
                     help="quick runs: shrink the corpus to N docs (judged docs kept; not comparable to full runs)")
+    ap.add_argument("--dims", default=None,
+                    help="Matryoshka sizes, e.g. 384,256,128,64: dense systems are also searched on the first D "
+                         "channels, renormalised (default with --quantize: the full size)")
+    ap.add_argument("--quantize", default=None,
+                    help=f"precisions of the stored vectors, comma-separated from {','.join(PRECISIONS)} "
+                         "(default with --dims: float32)")
+    ap.add_argument("--rescore", type=int, default=None,
+                    help="int8 / binary: re-score the top K with the float query (sentence-transformers' recipe)")
     add_encode_args(ap)
     args = ap.parse_args(argv)
     if not args.model and not args.baseline:
         raise InputError("eval retrieval: give at least one --model or --baseline")
+    sweep = size_sweep_from_args(args.dims, args.quantize, args.rescore)
     if args.top_k < 100:
         raise InputError(f"eval retrieval: --top-k {args.top_k} < 100 would under-report recall@100")
     if args.device is None and torch.cuda.is_available():
         args.device = "cuda"
     settings = EncodeSettings(args.query_prefix, args.passage_prefix, args.batch_size, args.max_length,
                               args.max_tokens, args.device, not args.no_progress)
+    specs = [(m, f"ropebert:{m}") for m in args.model] + [(b, b) for b in args.baseline]
+    if sweep is not None:
+        if all(full == "bm25" for _, full in specs):
+            raise InputError("eval retrieval: --dims / --quantize apply to dense systems (--model DIR or "
+                             "--baseline st:DIR); BM25 alone has none")
+        for spec, full in specs:
+            check_dims(sweep.dims or [], declared_embedding_size(full), spec)
     t0 = time.perf_counter()
     data = load_beir(args.data, args.split, args.max_queries, args.max_docs)
     results = []
-    specs = [(m, f"ropebert:{m}") for m in args.model] + [(b, b) for b in args.baseline]
     for spec, full in specs:
         system = build_system(full, settings)
-        r = run_system(system, data, args.top_k, args.index)
+        r = run_system(system, data, args.top_k, args.index, sweep)
         r["name"] = spec
         logger.info("eval retrieval: %s %s", spec, {k: round(v, 4) for k, v in r["metrics"].items()})
         results.append(r)
@@ -335,7 +507,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         "data": str(args.data),
         "split": args.split,
         "settings": {**vars(settings), "top_k": args.top_k, "index": args.index, "max_queries": args.max_queries,
-                     "max_docs": args.max_docs},
+                     "max_docs": args.max_docs,
+                     **({} if sweep is None else {"dims": sweep.dims, "quantize": sweep.precisions,
+                                                  "rescore": sweep.rescore})},
         "data_stats": data.stats,
         "metrics": results[0]["metrics"],
         "results": results,
@@ -345,9 +519,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"retrieval on {args.data} ({args.split}): {data.stats['num_queries_judged']} judged queries, "
           f"{data.stats['num_corpus']} documents")
     print(markdown_table(["system", "nDCG@10", "MRR@10", "Recall@100"], rows))
+    if sweep is not None:
+        print(f"\nby size (top-k {args.top_k}; search time: quantising, top-k and rescoring, encoding excluded)")
+        print(markdown_table(SIZE_HEADER, size_rows(results)))
     if args.output:
         write_json(out, args.output)
     if args.plot:
-        retrieval_bar_chart(results, args.plot, title=f"{Path(args.data).name} ({args.split})")
+        title = f"{Path(args.data).name} ({args.split})"
+        retrieval_bar_chart(results, args.plot, title=title)
         print(f"wrote {args.plot}")
+        if sweep is not None:
+            p = ndcg_bytes_chart(results, size_plot_path(args.plot), title=title)
+            print(f"wrote {p}")
     return 0

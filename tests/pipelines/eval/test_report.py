@@ -7,7 +7,13 @@ import math
 import pytest
 
 from ropebert.pipelines.eval.cli import main as eval_main
-from ropebert.pipelines.eval.report import accuracy_heatmap, length_label, markdown_table, retrieval_bar_chart
+from ropebert.pipelines.eval.report import (
+    accuracy_heatmap,
+    length_label,
+    markdown_table,
+    ndcg_bytes_chart,
+    retrieval_bar_chart,
+)
 
 
 def test_markdown_table():
@@ -28,6 +34,18 @@ def test_charts_are_written(tmp_path):
     bar = retrieval_bar_chart(res, tmp_path / "b.png")
     assert bar.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and bar.stat().st_size > 5000
     assert [length_label(n) for n in (256, 1024, 32768)] == ["256", "1k", "32k"]
+
+
+def test_ndcg_bytes_chart(tmp_path):
+    """nDCG@10 against bytes per vector: a line per (system, precision), BM25 as a level; no sizes -> error."""
+    sizes = [{"dim": dm, "precision": p, "rescore": None, "bytes_per_vector": b, "metrics": {"ndcg@10": v}}
+             for dm, p, b, v in [(64, "float32", 256, 0.5), (32, "float32", 128, 0.45), (64, "binary", 8, 0.4)]]
+    res = [{"name": "m", "label": "ropebert: m", "metrics": {"ndcg@10": 0.5}, "quantized": sizes},
+           {"name": "bm25", "label": "BM25", "metrics": {"ndcg@10": 0.3}}]
+    png = ndcg_bytes_chart(res, tmp_path / "s.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    with pytest.raises(ValueError, match="no result has a 'quantized' list"):
+        ndcg_bytes_chart(res[1:], tmp_path / "none.png")
 
 
 def test_eval_dispatch(capsys):
