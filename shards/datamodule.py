@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ropebert.errors import InputError
 
 from .format import load_manifest, manifest_hash, read_shard, shard_path
+from .hashing import text_hashes
 from .plan import EpochPlan, consumed_by_worker, logical_worker, make_plan, slot_segments, within_shard_order
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ class BatchCollator:
             "keys": keys,
             "query": self._encode([s["query"] for _, s, _ in samples], self.query_prefix, self.max_query_length),
             "passage": self._encode([s["positive"] for _, s, _ in samples], self.passage_prefix, self.max_passage_length),
+            "hashes": {"query": text_hashes(s["query"] for _, s, _ in samples),
+                       "passage": text_hashes(s["positive"] for _, s, _ in samples)},
         }
         if self.kind == "hard_negatives":
             K = self.num_negatives
@@ -103,6 +106,7 @@ class BatchCollator:
                                      f"num_negatives={K}")
                 negs += n[:K]
             batch["negatives"] = self._encode(negs, self.passage_prefix, self.max_passage_length)  # (B*K, Ln)
+            batch["hashes"]["negatives"] = text_hashes(negs).view(len(samples), K)
             if all(isinstance(s.get("scores"), list) and len(s["scores"]) >= 1 + K for _, s, _ in samples):
                 batch["teacher_scores"] = torch.tensor([s["scores"][: 1 + K] for _, s, _ in samples],
                                                        dtype=torch.float32)  # (B, 1+K)
@@ -198,6 +202,9 @@ class ShardDataModule(L.LightningDataModule):
             longest in the batch
         negatives (kind="hard_negatives"): same, (B*K, Ln); rows i*K..(i+1)*K-1 belong to query i
         teacher_scores (when the shards carry scores): FloatTensor (B, 1+K), positive first
+        hashes: {"query": LongTensor (B,), "passage": LongTensor (B,), "negatives": LongTensor (B, K) (hard
+            negatives only)}: 64-bit hashes of the normalised texts, without prefixes (shards/hashing.py); the
+            loss uses them to drop in-batch duplicates from the negatives
     """
 
     def __init__(

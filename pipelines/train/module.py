@@ -156,6 +156,7 @@ class RopeBertContrastive(L.LightningModule):
         matryoshka_dims: Optional[list[int]] = None,
         matryoshka_weights: Optional[list[float]] = None,
         matryoshka_layers: Optional[list[int]] = None,
+        mask_false_negatives: bool = True,
         lr: float = 2e-4,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -215,6 +216,12 @@ class RopeBertContrastive(L.LightningModule):
                 matryoshka_dims (or the full dim), is used in every step and the losses are summed. GradCache
                 caches every layer's embedding of a text ((N, S, D)) and one replay backpropagates them together.
                 Recorded in the model's config (`matryoshka_layers`). None = the last layer only.
+            mask_false_negatives: remove in-batch duplicates from each query's negatives, using the loader's
+                64-bit hashes of the normalised texts (shards/hashing.py): every global passage or hard negative
+                with the text of the query's own positive, and the positive of every other query with the same
+                query text (see pipelines/train/loss.py). The number removed per step is logged as
+                `train/false_negatives_masked` (all ranks). False: every other passage is a negative, duplicates
+                included (batches without `hashes` are never masked).
             lr: peak learning rate (AdamW).
             weight_decay: AdamW decoupled weight decay; never on biases, LayerNorm weights or the temperature.
             betas: AdamW betas.
@@ -466,6 +473,8 @@ class RopeBertContrastive(L.LightningModule):
         t = teacher_embs or {}
         shard_t = getattr(self, "_shard_score_temperature", None) or hp.teacher_temperature or 1.0
         mdims, mweights = self._matryoshka or (None, None)
+        hashes = batch.get("hashes") if hp.mask_false_negatives else None
+        hashes = hashes or {}
 
         def fn(embs: dict[str, torch.Tensor]):
             q, p = embs["query"], embs["passage"]  # (B, D), or (B, S, D) with matryoshka_layers
@@ -483,7 +492,9 @@ class RopeBertContrastive(L.LightningModule):
                 teacher_embed_weight=hp.teacher_embed_weight if t else 0.0,
                 teacher_score_weight=hp.teacher_score_weight if t else 0.0,
                 teacher_score_temperature=hp.teacher_temperature or LIVE_TEACHER_TEMPERATURE,
-                matryoshka_dims=mdims, matryoshka_weights=mweights, return_stats=True)
+                matryoshka_dims=mdims, matryoshka_weights=mweights, query_hashes=hashes.get("query"),
+                passage_hashes=hashes.get("passage"), negative_hashes=hashes.get("negatives") if n is not None else None,
+                return_stats=True)
 
         return fn
 
@@ -548,6 +559,11 @@ class RopeBertContrastive(L.LightningModule):
         for k in stats:
             if k.startswith("loss@"):  # each Matryoshka dim's (unweighted) loss
                 log[f"train/{k}"] = stats[k].float()
+        if "false_negatives_masked" in stats:  # entries removed from the whole global batch's rows
+            fn_count = stats["false_negatives_masked"].detach().float().reshape(1).clone()
+            if world > 1:
+                torch.distributed.all_reduce(fn_count)
+            log["train/false_negatives_masked"] = fn_count[0].cpu()
         if "aux" in stats and hp.teacher_hidden_weight:
             log["train/teacher_hidden"] = (stats["aux"] / hp.teacher_hidden_weight).float()
         self.log_dict(log, on_step=True, on_epoch=False, prog_bar=False, batch_size=B, sync_dist=False)
