@@ -247,7 +247,10 @@ class RopeBertContrastive(L.LightningModule):
             seed: dropout seed; every step reseeds from (seed, epoch, batch index, rank), so a resumed run
                 draws the same masks as an uninterrupted one.
             step_log: directory; each global rank appends one JSON line per batch to step-rank-<r>.jsonl with
-                epoch, batch, global step, loss (exact float) and whether it was skipped.
+                epoch, batch, global step, loss (exact float), whether it was skipped and, with a homogeneous
+                mixture (data.train_dir: a mixture file), the batch's source. Per source the metrics
+                `train/source/<name>/{loss,accuracy,samples_seen}` are logged, and `train/source_pass` (> 0: the
+                source is repeating this epoch with a fresh shuffle).
         """
         super().__init__()
         if stage not in STAGES:
@@ -324,6 +327,7 @@ class RopeBertContrastive(L.LightningModule):
         self.nonfinite_total = 0
         self.samples_seen = 0
         self.tokens_seen = 0
+        self.source_samples: dict[str, int] = {}  # samples seen per mixture source (homogeneous batches)
         self._step_log_file = None
         self._t_last: Optional[float] = None
 
@@ -538,10 +542,13 @@ class RopeBertContrastive(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         self.samples_seen += B * world
         self.tokens_seen += res.tokens * world
+        source = batch.get("source")  # a homogeneous mixture: every rank's batch is from this source
+        if source is not None:
+            self.source_samples[source] = self.source_samples.get(source, 0) + B * world
         if res.loss.device.type == "cuda":
             torch.cuda.synchronize(res.loss.device)  # time the step's own kernels, not the launch queue
         dt = time.perf_counter() - t0
-        self._write_step_log(batch_idx, res.loss, skipped=not finite)
+        self._write_step_log(batch_idx, res.loss, skipped=not finite, source=source)
         stats = res.stats
         log = {
             "train/loss": res.loss.float(),
@@ -559,6 +566,12 @@ class RopeBertContrastive(L.LightningModule):
         for k in stats:
             if k.startswith("loss@"):  # each Matryoshka dim's (unweighted) loss
                 log[f"train/{k}"] = stats[k].float()
+        if source is not None:  # per source: loss, accuracy, samples seen (all ranks: the same source)
+            log[f"train/source/{source}/loss"] = res.loss.float()
+            if "accuracy" in stats:
+                log[f"train/source/{source}/accuracy"] = stats["accuracy"].float()
+            log[f"train/source/{source}/samples_seen"] = torch.tensor(float(self.source_samples[source]))
+            log["train/source_pass"] = torch.tensor(float(batch.get("source_pass", 0)))
         if "false_negatives_masked" in stats:  # entries removed from the whole global batch's rows
             fn_count = stats["false_negatives_masked"].detach().float().reshape(1).clone()
             if world > 1:
@@ -587,7 +600,7 @@ class RopeBertContrastive(L.LightningModule):
 
     # -- logs and checkpoints -------------------------------------------------------------------------------
 
-    def _write_step_log(self, batch_idx: int, loss: torch.Tensor, skipped: bool) -> None:
+    def _write_step_log(self, batch_idx: int, loss: torch.Tensor, skipped: bool, source: Optional[str] = None) -> None:
         if not self.hparams.step_log:
             return
         if self._step_log_file is None:
@@ -596,6 +609,8 @@ class RopeBertContrastive(L.LightningModule):
             self._step_log_file = open(d / f"step-rank-{self.global_rank}.jsonl", "a", encoding="utf-8")
         rec = {"epoch": self.current_epoch, "batch": batch_idx, "global_step": int(self.global_step),
                "loss": float(loss), "skipped": skipped}
+        if source is not None:
+            rec["source"] = source
         self._step_log_file.write(json.dumps(rec) + "\n")
         self._step_log_file.flush()
 
@@ -611,6 +626,7 @@ class RopeBertContrastive(L.LightningModule):
         checkpoint["ropebert_train_state"] = {
             "nonfinite_in_row": self.nonfinite_in_row, "nonfinite_total": self.nonfinite_total,
             "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
+            "source_samples": dict(self.source_samples),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -627,3 +643,4 @@ class RopeBertContrastive(L.LightningModule):
         self.nonfinite_total = int(st.get("nonfinite_total", 0))
         self.samples_seen = int(st.get("samples_seen", 0))
         self.tokens_seen = int(st.get("tokens_seen", 0))
+        self.source_samples = {str(k): int(v) for k, v in (st.get("source_samples") or {}).items()}
