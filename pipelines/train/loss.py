@@ -20,6 +20,19 @@ if the backward did NOT sum the other ranks' contributions (a plain, gradient-le
 loss"). tests/pipelines/test_loss.py checks loss and every parameter gradient of 2 gloo ranks x B against a
 single process on the same 2B examples.
 
+False negatives: with text hashes (`query_hashes` (B,), `passage_hashes` (B,), `negative_hashes` (B, K); 64-bit
+hashes of the normalised texts, see ropebert.shards.hashing) gathered like the embeddings, a query's candidate
+column is removed from its softmax (its logit set to -inf, so the loss is exactly that of the row without it) when
+
+* it is a passage or hard negative (any rank) whose text hash equals the hash of the query's own positive, other
+  than the query's label column; or
+* it is the in-batch positive of another query whose QUERY text hash equals this query's.
+
+The same columns leave every distribution over the row: the InfoNCE softmax, the passage->query direction
+(a passage's other queries are masked under the same two rules, read from the passage side), the shard
+teacher-score KL over the query's own 1+K candidates, and the global teacher-score KL (masked out of both the
+teacher's and the student's softmax, then renormalised), at every Matryoshka dim.
+
 Logits, log-softmax and the loss are computed in fp32 with autocast disabled, whatever the caller's precision.
 """
 
@@ -32,8 +45,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ropebert.errors import InputError
+
 __all__ = ["all_gather_no_grad", "all_gather_with_grad", "contrastive_loss", "ContrastiveStats", "dist_info",
-           "hidden_alignment", "layered_contrastive_loss"]
+           "false_negative_mask", "hidden_alignment", "layered_contrastive_loss"]
 
 
 def dist_info() -> tuple[int, int]:
@@ -117,7 +132,58 @@ def hidden_alignment(student: list[torch.Tensor], teacher: list[torch.Tensor], m
 
 class ContrastiveStats(dict):
     """Detached diagnostics of one loss call: pos_sim, neg_sim (mean cosine), hardest_neg_sim, accuracy,
-    infonce, kl (when distilling)."""
+    infonce, kl (when distilling), false_negatives_masked (with text hashes)."""
+
+
+def _check_hashes(name: str, h: Optional[torch.Tensor], shape: tuple) -> Optional[torch.Tensor]:
+    if h is None:
+        return None
+    if not torch.is_tensor(h) or h.dtype != torch.int64 or tuple(h.shape) != shape:
+        raise InputError(f"contrastive_loss: {name} must be an int64 tensor of shape {shape}, got "
+                         f"{getattr(h, 'dtype', type(h).__name__)} {tuple(getattr(h, 'shape', ()))}")
+    return h
+
+
+def false_negative_mask(query_hashes: Optional[torch.Tensor], passage_hashes: Optional[torch.Tensor],
+                        negative_hashes: Optional[torch.Tensor], *, B: int, K: int,
+                        gather: bool) -> Optional[torch.Tensor]:
+    """(B, W*B*(1+K)) bool: True where a local query's candidate column (all passages, then all negatives, in
+    global order) is a false negative (see the module docstring); never its own label column. None without
+    hashes. The hashes are gathered (no gradient) when `gather` and a process group is up."""
+    qh = _check_hashes("query_hashes", query_hashes, (B,))
+    ph = _check_hashes("passage_hashes", passage_hashes, (B,))
+    nh = _check_hashes("negative_hashes", negative_hashes, (B, K))
+    if nh is not None and ph is None:
+        raise InputError("contrastive_loss: negative_hashes need passage_hashes (a negative is masked when it "
+                         "equals the query's own positive)")
+    if qh is None and ph is None:
+        return None
+    world, rank = dist_info() if gather else (1, 0)
+    gat = (lambda x: all_gather_no_grad(x)) if world > 1 else (lambda x: x)
+    ref = ph if ph is not None else qh
+    mask_p = torch.zeros(B, world * B, dtype=torch.bool, device=ref.device)
+    if ph is not None:
+        mask_p |= ph[:, None] == gat(ph)[None, :]  # another copy of my positive
+    if qh is not None:
+        mask_p |= qh[:, None] == gat(qh)[None, :]  # the positive of another copy of my query
+    rows = torch.arange(B, device=ref.device)
+    mask_p[rows, rows + rank * B] = False  # the label column stays
+    if not K:
+        return mask_p
+    if nh is None:
+        mask_n = torch.zeros(B, world * B * K, dtype=torch.bool, device=ref.device)
+    else:
+        mask_n = ph[:, None] == gat(nh.reshape(B * K))[None, :]  # a hard negative that is my positive's text
+    return torch.cat([mask_p, mask_n], dim=1)
+
+
+def _masked_kl(t_logp: torch.Tensor, s_logp: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """KL(teacher || student) per row, batch mean, of two log-distributions over the same columns; masked
+    columns (both -inf) contribute nothing (and no NaN to the gradient)."""
+    if mask is None:
+        return F.kl_div(s_logp, t_logp, reduction="batchmean", log_target=True)
+    t_c, s_c = t_logp.masked_fill(mask, 0.0), s_logp.masked_fill(mask, 0.0)
+    return (t_c.exp() * (t_c - s_c)).masked_fill(mask, 0.0).sum() / t_logp.shape[0]
 
 
 def _matryoshka_plan(dims, weights, D: int) -> list[tuple[int, float]]:
@@ -173,6 +239,9 @@ def contrastive_loss(
     teacher_score_temperature: float = 0.05,
     matryoshka_dims: Optional[Sequence[int]] = None,
     matryoshka_weights: Optional[Sequence[float]] = None,
+    query_hashes: Optional[torch.Tensor] = None,
+    passage_hashes: Optional[torch.Tensor] = None,
+    negative_hashes: Optional[torch.Tensor] = None,
     return_stats: bool = False,
 ):
     """InfoNCE with in-batch (and hard) negatives, optional distillation; returns the scalar loss.
@@ -207,8 +276,13 @@ def contrastive_loss(
             does not shrink with the student). Embeddings are gathered once at full D and cut after, so this is
             exact under gather and GradCache (it only reads the cached full embeddings).
         matryoshka_weights: one weight per matryoshka_dims entry (default: all 1.0).
+        query_hashes / passage_hashes / negative_hashes: optional int64 (B,) / (B,) / (B, K) hashes of the
+            normalised query, positive and hard-negative texts (the loader's `hashes`), gathered like the
+            embeddings: false negatives are removed from every query's candidates (module docstring). Each is
+            optional; negative_hashes need passage_hashes.
         return_stats: also return a ContrastiveStats dict (detached): the diagnostics of the largest dim, plus
-            `loss@<d>` (the unweighted loss of each Matryoshka dim) with matryoshka_dims.
+            `loss@<d>` (the unweighted loss of each Matryoshka dim) with matryoshka_dims, and with hashes
+            `false_negatives_masked` (masked query->candidate entries of this rank's rows).
 
     Each query's candidates are all (W*)B passages followed by all (W*)B*K negatives; its label is its own
     positive. A query's own hard negatives are therefore scored as negatives, never as its positive.
@@ -238,6 +312,15 @@ def contrastive_loss(
     if isinstance(temperature, (int, float)) and temperature <= 0:
         raise ValueError(f"contrastive_loss: temperature must be > 0, got {temperature}")
     plan = _matryoshka_plan(matryoshka_dims, matryoshka_weights, D)
+    fn_mask = false_negative_mask(query_hashes, passage_hashes, negative_hashes, B=B, K=K, gather=gather)
+    own_mask = None  # (B, 1+K): the query's own hard negatives that are its positive's text
+    if fn_mask is not None and K and negative_hashes is not None:
+        own_mask = torch.cat([torch.zeros(B, 1, dtype=torch.bool, device=fn_mask.device),
+                              negative_hashes == passage_hashes[:, None]], dim=1)
+        if not own_mask.any():
+            own_mask = None
+    if fn_mask is not None and not fn_mask.any():
+        fn_mask = None  # nothing to remove: the unmasked computation, bit for bit
 
     device_type = query_emb.device.type
     with torch.autocast(device_type=device_type, enabled=False):
@@ -259,7 +342,10 @@ def contrastive_loss(
             if K:
                 tn = teacher_negative.float().reshape(B * K, D)
                 t_cands = torch.cat([tp_all, all_gather_no_grad(tn) if world > 1 else tn], dim=0)
-            t_score_logp = F.log_softmax(tq @ t_cands.T / teacher_score_temperature, dim=-1)  # (B, W*B*(1+K))
+            t_logits = tq @ t_cands.T / teacher_score_temperature  # (B, W*B*(1+K))
+            if fn_mask is not None:
+                t_logits = t_logits.masked_fill(fn_mask, float("-inf"))
+            t_score_logp = F.log_softmax(t_logits, dim=-1)
 
         def at_dim(d: int) -> dict:
             """Every term of the loss on the d-channel prefixes (renormalised; the inputs as given when d == D)."""
@@ -267,18 +353,26 @@ def contrastive_loss(
             p_all, n_all = _prefix(p_all_full, d, D), _prefix(n_all_full, d, D)
             cands = p_all if n_all is None else torch.cat([p_all, n_all], dim=0)  # (W*B*(1+K), d)
             logits = q @ cands.T / tau  # (B, W*B*(1+K))
+            if fn_mask is not None:
+                logits = logits.masked_fill(fn_mask, float("-inf"))
             infonce = F.cross_entropy(logits, labels)
             if symmetric:
                 logits_p = p @ _prefix(q_all_full, d, D).T / tau  # (B, W*B)
+                if fn_mask is not None:  # the two rules are symmetric: the passage-side mask is mask_p
+                    logits_p = logits_p.masked_fill(fn_mask[:, : logits_p.shape[1]], float("-inf"))
                 infonce = 0.5 * (infonce + F.cross_entropy(logits_p, labels))
             out = {"q": q, "p": p, "n": n, "logits": logits, "infonce": infonce, "loss": infonce,
                    "kl": None, "teacher_embed": None, "teacher_kl": None}
             if teacher_scores is not None:
                 own = torch.cat([p[:, None, :], n.view(B, K, d)], dim=1)  # (B, 1+K, d)
                 student = torch.einsum("bd,bkd->bk", q, own) / tau  # (B, 1+K)
-                t_logp = F.log_softmax(teacher_scores.float() / teacher_temperature, dim=-1)
+                t_own = teacher_scores.float() / teacher_temperature
+                if own_mask is not None:
+                    student = student.masked_fill(own_mask, float("-inf"))
+                    t_own = t_own.masked_fill(own_mask, float("-inf"))
+                t_logp = F.log_softmax(t_own, dim=-1)
                 s_logp = F.log_softmax(student, dim=-1)
-                out["kl"] = F.kl_div(s_logp, t_logp, reduction="batchmean", log_target=True)  # KL(teacher || student)
+                out["kl"] = _masked_kl(t_logp, s_logp, own_mask)  # KL(teacher || student)
                 out["loss"] = alpha * infonce + out["kl"]
             if teacher_embed_weight:
                 tq_d, tp_d = _prefix(teacher_query.float(), d, D), _prefix(teacher_passage.float(), d, D)
@@ -289,8 +383,7 @@ def contrastive_loss(
                 out["teacher_embed"] = (1.0 - torch.cat(cos)).mean()
                 out["loss"] = out["loss"] + teacher_embed_weight * out["teacher_embed"]
             if teacher_score_weight:
-                out["teacher_kl"] = F.kl_div(F.log_softmax(logits, dim=-1), t_score_logp, reduction="batchmean",
-                                             log_target=True)
+                out["teacher_kl"] = _masked_kl(t_score_logp, F.log_softmax(logits, dim=-1), fn_mask)
                 out["loss"] = out["loss"] + teacher_score_weight * out["teacher_kl"]
             return out
 
@@ -312,10 +405,16 @@ def contrastive_loss(
         rows = torch.arange(B, device=lg.device)
         n_cands = lg.shape[1]
         own = lg[rows, labels_]  # (B,)
-        neg_mean = (lg.sum() - own.sum()) / max(1, B * (n_cands - 1))
+        if fn_mask is None:
+            neg_mean = (lg.sum() - own.sum()) / max(1, B * (n_cands - 1))
+        else:  # false negatives are not negatives: out of the mean (their logits are -inf)
+            kept = lg.masked_fill(fn_mask, 0.0)
+            neg_mean = (kept.sum() - own.sum()) / max(1, B * (n_cands - 1) - int(fn_mask.sum()))
+            del kept
         masked = lg.clone()
         masked[rows, labels_] = float("-inf")
         hardest = masked.amax(-1) if n_cands > 1 else own
+        hardest = torch.where(torch.isfinite(hardest), hardest, own)  # a row whose negatives were all removed
         correct = (masked.amax(-1) < own) if n_cands > 1 else torch.ones_like(own, dtype=torch.bool)
         del masked
         stats = ContrastiveStats(
@@ -330,6 +429,9 @@ def contrastive_loss(
         for key in ("kl", "teacher_embed", "teacher_kl"):
             if top[key] is not None:
                 stats[key] = top[key].detach()
+        if query_hashes is not None or passage_hashes is not None:
+            stats["false_negatives_masked"] = (torch.zeros((), device=lg.device) if fn_mask is None
+                                               else fn_mask.sum().float())
         if matryoshka_dims is not None:
             for d, v in per_dim.items():
                 stats[f"loss@{d}"] = v.detach()

@@ -156,6 +156,7 @@ class RopeBertContrastive(L.LightningModule):
         matryoshka_dims: Optional[list[int]] = None,
         matryoshka_weights: Optional[list[float]] = None,
         matryoshka_layers: Optional[list[int]] = None,
+        mask_false_negatives: bool = True,
         lr: float = 2e-4,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -215,6 +216,12 @@ class RopeBertContrastive(L.LightningModule):
                 matryoshka_dims (or the full dim), is used in every step and the losses are summed. GradCache
                 caches every layer's embedding of a text ((N, S, D)) and one replay backpropagates them together.
                 Recorded in the model's config (`matryoshka_layers`). None = the last layer only.
+            mask_false_negatives: remove in-batch duplicates from each query's negatives, using the loader's
+                64-bit hashes of the normalised texts (shards/hashing.py): every global passage or hard negative
+                with the text of the query's own positive, and the positive of every other query with the same
+                query text (see pipelines/train/loss.py). The number removed per step is logged as
+                `train/false_negatives_masked` (all ranks). False: every other passage is a negative, duplicates
+                included (batches without `hashes` are never masked).
             lr: peak learning rate (AdamW).
             weight_decay: AdamW decoupled weight decay; never on biases, LayerNorm weights or the temperature.
             betas: AdamW betas.
@@ -240,7 +247,10 @@ class RopeBertContrastive(L.LightningModule):
             seed: dropout seed; every step reseeds from (seed, epoch, batch index, rank), so a resumed run
                 draws the same masks as an uninterrupted one.
             step_log: directory; each global rank appends one JSON line per batch to step-rank-<r>.jsonl with
-                epoch, batch, global step, loss (exact float) and whether it was skipped.
+                epoch, batch, global step, loss (exact float), whether it was skipped and, with a homogeneous
+                mixture (data.train_dir: a mixture file), the batch's source. Per source the metrics
+                `train/source/<name>/{loss,accuracy,samples_seen}` are logged, and `train/source_pass` (> 0: the
+                source is repeating this epoch with a fresh shuffle).
         """
         super().__init__()
         if stage not in STAGES:
@@ -317,6 +327,7 @@ class RopeBertContrastive(L.LightningModule):
         self.nonfinite_total = 0
         self.samples_seen = 0
         self.tokens_seen = 0
+        self.source_samples: dict[str, int] = {}  # samples seen per mixture source (homogeneous batches)
         self._step_log_file = None
         self._t_last: Optional[float] = None
 
@@ -466,6 +477,8 @@ class RopeBertContrastive(L.LightningModule):
         t = teacher_embs or {}
         shard_t = getattr(self, "_shard_score_temperature", None) or hp.teacher_temperature or 1.0
         mdims, mweights = self._matryoshka or (None, None)
+        hashes = batch.get("hashes") if hp.mask_false_negatives else None
+        hashes = hashes or {}
 
         def fn(embs: dict[str, torch.Tensor]):
             q, p = embs["query"], embs["passage"]  # (B, D), or (B, S, D) with matryoshka_layers
@@ -483,7 +496,9 @@ class RopeBertContrastive(L.LightningModule):
                 teacher_embed_weight=hp.teacher_embed_weight if t else 0.0,
                 teacher_score_weight=hp.teacher_score_weight if t else 0.0,
                 teacher_score_temperature=hp.teacher_temperature or LIVE_TEACHER_TEMPERATURE,
-                matryoshka_dims=mdims, matryoshka_weights=mweights, return_stats=True)
+                matryoshka_dims=mdims, matryoshka_weights=mweights, query_hashes=hashes.get("query"),
+                passage_hashes=hashes.get("passage"), negative_hashes=hashes.get("negatives") if n is not None else None,
+                return_stats=True)
 
         return fn
 
@@ -527,10 +542,13 @@ class RopeBertContrastive(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         self.samples_seen += B * world
         self.tokens_seen += res.tokens * world
+        source = batch.get("source")  # a homogeneous mixture: every rank's batch is from this source
+        if source is not None:
+            self.source_samples[source] = self.source_samples.get(source, 0) + B * world
         if res.loss.device.type == "cuda":
             torch.cuda.synchronize(res.loss.device)  # time the step's own kernels, not the launch queue
         dt = time.perf_counter() - t0
-        self._write_step_log(batch_idx, res.loss, skipped=not finite)
+        self._write_step_log(batch_idx, res.loss, skipped=not finite, source=source)
         stats = res.stats
         log = {
             "train/loss": res.loss.float(),
@@ -548,6 +566,17 @@ class RopeBertContrastive(L.LightningModule):
         for k in stats:
             if k.startswith("loss@"):  # each Matryoshka dim's (unweighted) loss
                 log[f"train/{k}"] = stats[k].float()
+        if source is not None:  # per source: loss, accuracy, samples seen (all ranks: the same source)
+            log[f"train/source/{source}/loss"] = res.loss.float()
+            if "accuracy" in stats:
+                log[f"train/source/{source}/accuracy"] = stats["accuracy"].float()
+            log[f"train/source/{source}/samples_seen"] = torch.tensor(float(self.source_samples[source]))
+            log["train/source_pass"] = torch.tensor(float(batch.get("source_pass", 0)))
+        if "false_negatives_masked" in stats:  # entries removed from the whole global batch's rows
+            fn_count = stats["false_negatives_masked"].detach().float().reshape(1).clone()
+            if world > 1:
+                torch.distributed.all_reduce(fn_count)
+            log["train/false_negatives_masked"] = fn_count[0].cpu()
         if "aux" in stats and hp.teacher_hidden_weight:
             log["train/teacher_hidden"] = (stats["aux"] / hp.teacher_hidden_weight).float()
         self.log_dict(log, on_step=True, on_epoch=False, prog_bar=False, batch_size=B, sync_dist=False)
@@ -571,7 +600,7 @@ class RopeBertContrastive(L.LightningModule):
 
     # -- logs and checkpoints -------------------------------------------------------------------------------
 
-    def _write_step_log(self, batch_idx: int, loss: torch.Tensor, skipped: bool) -> None:
+    def _write_step_log(self, batch_idx: int, loss: torch.Tensor, skipped: bool, source: Optional[str] = None) -> None:
         if not self.hparams.step_log:
             return
         if self._step_log_file is None:
@@ -580,6 +609,8 @@ class RopeBertContrastive(L.LightningModule):
             self._step_log_file = open(d / f"step-rank-{self.global_rank}.jsonl", "a", encoding="utf-8")
         rec = {"epoch": self.current_epoch, "batch": batch_idx, "global_step": int(self.global_step),
                "loss": float(loss), "skipped": skipped}
+        if source is not None:
+            rec["source"] = source
         self._step_log_file.write(json.dumps(rec) + "\n")
         self._step_log_file.flush()
 
@@ -595,6 +626,7 @@ class RopeBertContrastive(L.LightningModule):
         checkpoint["ropebert_train_state"] = {
             "nonfinite_in_row": self.nonfinite_in_row, "nonfinite_total": self.nonfinite_total,
             "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
+            "source_samples": dict(self.source_samples),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -611,3 +643,4 @@ class RopeBertContrastive(L.LightningModule):
         self.nonfinite_total = int(st.get("nonfinite_total", 0))
         self.samples_seen = int(st.get("samples_seen", 0))
         self.tokens_seen = int(st.get("tokens_seen", 0))
+        self.source_samples = {str(k): int(v) for k, v in (st.get("source_samples") or {}).items()}

@@ -54,9 +54,11 @@ def test_two_ranks_two_workers_exactly_once(pair_shards, minilm_dir):
 def test_batch_format_pairs(pair_shards, minilm_dir):
     dm = _dm(pair_shards, minilm_dir, world=1, num_workers=0, max_query_length=8)
     b = next(iter(dm.train_dataloader()))
-    assert set(b) == {"keys", "query", "passage"}
+    assert set(b) == {"keys", "query", "passage", "hashes"}
     B = 4
     assert len(b["keys"]) == B
+    assert set(b["hashes"]) == {"query", "passage"} and b["hashes"]["passage"].dtype == torch.long
+    assert b["hashes"]["passage"].shape == (B,) and len(set(b["hashes"]["passage"].tolist())) == B  # distinct texts
     for part in ("query", "passage"):
         ids, mask = b[part]["input_ids"], b[part]["attention_mask"]
         assert ids.dtype == mask.dtype == torch.long and ids.shape == mask.shape and ids.shape[0] == B

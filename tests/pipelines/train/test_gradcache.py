@@ -149,3 +149,32 @@ def test_matryoshka_gradcache_equals_no_cache(with_negatives):
     assert set(g0) == set(g1) and len(g0) == len(list(ref.parameters()))
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("with_negatives", [False, True])
+def test_false_negative_masking_gradcache_equals_no_cache(with_negatives):
+    """Masking reads hashes, not embeddings: GradCache still gives the uncached loss and gradients."""
+    ph = torch.tensor([7, 8, 7, 9, 10, 8])  # passages 0/2 and 1/5 are duplicates
+    qh = torch.tensor([1, 2, 3, 1, 5, 6])  # queries 0/3 are duplicates
+    nh = torch.arange(100, 100 + B * K).view(B, K)
+    nh[4, 1] = 9  # a hard negative of query 4 is query 3's positive
+
+    def loss_fn(embs):
+        n = embs["negatives"].view(B, K, -1) if "negatives" in embs else None
+        return contrastive_loss(embs["query"], embs["passage"], n, temperature=0.05, symmetric=True,
+                                passage_hashes=ph, query_hashes=qh, negative_hashes=nh if n is not None else None,
+                                return_stats=True)
+
+    ref = _model()
+    r0 = contrastive_step(ref.embed, _groups(with_negatives), loss_fn, chunk_size=None)
+    gc = _model()
+    r1 = contrastive_step(gc.embed, _groups(with_negatives), loss_fn, chunk_size=2)
+    plain = contrastive_step(_model().embed, _groups(with_negatives), _loss_fn, chunk_size=None)
+    assert r0.finite and r1.finite and abs(r0.loss.item() - plain.loss.item()) > 1e-4
+    # 0/2, 1/5 (4) + the positives of 0/3 for each other (2) [+ n[4,1] for query 3]
+    assert r1.stats["false_negatives_masked"].item() == (7.0 if with_negatives else 6.0)
+    torch.testing.assert_close(r1.loss, r0.loss, rtol=1e-6, atol=1e-6)
+    g0, g1 = _grads(ref), _grads(gc)
+    assert set(g0) == set(g1) and len(g0) == len(list(ref.parameters()))
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
