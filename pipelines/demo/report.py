@@ -31,6 +31,27 @@ def _retrieval_rows(res: dict | None) -> dict[str, dict]:
     return {} if res is None else {_name(r["name"]): r["metrics"] for r in res["results"]}
 
 
+def _curve_key(spec: str):
+    """models/curve/stage1-step0000040 -> ("stage 1", 40)."""
+    stem = Path(spec).name
+    stage, _, step = stem.partition("-step")
+    return f"stage {stage.removeprefix('stage')}", int(step)
+
+
+def curve_table(curve_doc: dict, curve_ms: dict | None, ms: dict | None, doc: dict | None) -> list[str]:
+    """nDCG@10 against training steps of both stages (`ropebert demo --curve K`), the APE parent beside."""
+    d = {_curve_key(r["name"]): r["metrics"]["ndcg@10"] for r in curve_doc["results"]}
+    m = {} if curve_ms is None else {_curve_key(r["name"]): r["metrics"]["ndcg@10"] for r in curve_ms["results"]}
+    header = ["stage", "step", "held-out docstrings nDCG@10"] + (["MS MARCO nDCG@10"] if curve_ms else [])
+    rows = [[s, str(n), f"{v:.4f}"] + ([f"{m[(s, n)]:.4f}" if (s, n) in m else "—"] if curve_ms else [])
+            for (s, n), v in sorted(d.items())]
+    parent = [f"APE parent: held-out {_retrieval_rows(doc).get(_name('st:'), {}).get('ndcg@10', float('nan')):.4f}"]
+    if ms is not None:
+        parent.append(f"MS MARCO {_retrieval_rows(ms).get(_name('st:'), {}).get('ndcg@10', float('nan')):.4f}")
+    return ["nDCG@10 against training steps (`--curve`; " + ", ".join(parent) + ")", "",
+            markdown_table(header, rows), ""]
+
+
 def write_summary(out: Path) -> str:
     ev = out / "eval"
     doc = _load(ev / "docstrings.json")
@@ -108,6 +129,9 @@ def write_summary(out: Path) -> str:
                       f"{reload['max_abs_diff']:.2e}")
     if checks:
         lines += ["Checks (reported as measured):", *checks, ""]
+    curve_doc, curve_ms = _load(ev / "curve-docstrings.json"), _load(ev / "curve-msmarco.json")
+    if curve_doc is not None:
+        lines += curve_table(curve_doc, curve_ms, ms, doc)
     marks = sorted((out / ".demo").glob("*.done"))
     if marks:
         t = {m.stem: json.loads(m.read_text()).get("seconds") for m in marks}

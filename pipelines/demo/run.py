@@ -3,7 +3,8 @@
 
 Steps (each one a `ropebert ...` command you could run yourself; they are printed as they run):
   1. convert   all-MiniLM-L6-v2 (APE BERT, offline package) -> RoPE BERT      artifacts/minilm-rope
-               (position table dropped, its mean over 128 positions folded into the token-type embeddings)
+               (position table dropped, its mean over 128 positions folded into the token-type embeddings,
+               position 0 into [CLS]; each head's q/k re-based onto the slow rotary frequencies)
   2. shards    stage-1 pairs from the embedded docstring source (train split) artifacts/shards/stage1
                + held-out docstring pairs as a BEIR directory                   artifacts/eval/docstrings-heldout
   3. stage 1   in-batch negatives through GradCache + distillation from the APE parent as a frozen teacher
@@ -18,7 +19,9 @@ Steps (each one a `ropebert ...` command you could run yourself; they are printe
                needle task at 256-4096 tokens under none / ntk / selfextend, beside the APE parent truncated at 512
   8. summary   one table (artifacts/demo_summary.md) and plots (artifacts/plots/)
 No prefixes anywhere: the APE parent was trained without them, and the teacher reads the student's tokens.
-`--steps N` trains stage 1 for N steps instead of the config's (a longer run).
+`--steps N` trains stage 1 for N steps instead of the config's (a longer run). `--curve K` keeps every K-th
+stage-1 checkpoint (and stage 2's every 10 steps) and adds an nDCG@10-vs-steps table of both stages (held-out
+docstrings and, when present, the full MS MARCO subset) to the summary.
 
 Every finished step leaves a marker in artifacts/.demo/; running the demo again skips finished steps and
 resumes training from the last checkpoint, so an interrupted `make demo` (Ctrl-C) continues where it stopped.
@@ -51,8 +54,10 @@ NO_PREFIXES = ("--query-prefix", "", "--passage-prefix", "")
 
 
 class Demo:
-    def __init__(self, out: Path, shared: Optional[Path], quick: bool, steps: Optional[int] = None):
+    def __init__(self, out: Path, shared: Optional[Path], quick: bool, steps: Optional[int] = None,
+                 curve: Optional[int] = None):
         self.steps = steps
+        self.curve = curve
         self.out = out
         self.shared = shared
         self.quick = quick
@@ -96,7 +101,7 @@ class Demo:
 
     def convert(self):
         self.ropebert("export", self.ape, "--out", self.path("minilm-rope"), "--fold-positions", 128,
-                      *NO_PROMPTS, "--overwrite")
+                      "--fold-first-token", "--rotary-basis", *NO_PROMPTS, "--overwrite")
 
     def shards(self):
         n_train = 800 if self.quick else 2000
@@ -156,9 +161,16 @@ class Demo:
             "--data.train_dir", self.path("shards", "stage1"),
             "--model.teacher", self.ape,
             *(["--trainer.max_steps", 6] if self.quick else ["--trainer.max_steps", self.steps] if self.steps else []),
+            *self.keep_checkpoints(self.curve),
         ])
         self.ropebert("export", self.path("ckpt", "demo-pretrain", "last.ckpt"), "--out", self.path("models", "stage1"),
                       *NO_PROMPTS, "--overwrite")
+
+    def keep_checkpoints(self, every: Optional[int]) -> list:
+        """--curve: keep every `every`-th checkpoint (step0000040.ckpt, ...) for the nDCG@10-vs-steps table."""
+        if not self.curve or not every:
+            return []
+        return ["--checkpoint.every_n_train_steps", every, "--checkpoint.save_top_k", -1]
 
     def mine(self):
         self.ropebert("mine", "--model", self.path("models", "stage1"), "--input", self.path("shards", "stage1"),
@@ -176,6 +188,7 @@ class Demo:
             "--data.train_dir", self.path("shards", "stage2"),
             "--model.teacher", self.ape,
             *(["--trainer.max_steps", 4] if self.quick else []),
+            *self.keep_checkpoints(2 if self.quick else 10),
         ])
         self.ropebert("export", self.path("ckpt", "demo-finetune", "last.ckpt"), "--out", self.path("models", "stage2"),
                       *NO_PROMPTS, "--overwrite")
@@ -227,6 +240,36 @@ class Demo:
                       "--num-docs", n_d, *NO_PREFIXES, "--output", ev / "passkey.json",
                       "--plot", plots / "passkey_heatmap.png", "--no-progress")
 
+    def curve_points(self) -> list[tuple[str, int, Path]]:
+        """(stage, step, checkpoint) of every kept step checkpoint of both stages, in training order."""
+        points = []
+        for stage, name in (("stage 1", "demo-pretrain"), ("stage 2", "demo-finetune")):
+            for ck in sorted(self.path("ckpt", name).glob("step*.ckpt")):
+                step = int(ck.stem.removeprefix("step"))
+                points.append((stage, step, ck))
+        return points
+
+    def curve_eval(self):
+        """Export every kept checkpoint and evaluate them all in one `ropebert eval retrieval` per data set."""
+        points = self.curve_points()
+        if not points:
+            raise UserError(f"--curve: no step checkpoints under {self.path('ckpt')} (was the demo trained with "
+                            "--curve? finished stages are not retrained: run with --fresh)")
+        dirs = []
+        for stage, step, ck in points:
+            d = self.path("models", "curve", f"{stage.replace(' ', '')}-step{step:07d}")
+            if not (d / "config.json").is_file():
+                self.ropebert("export", ck, "--out", d, *NO_PROMPTS, "--overwrite")
+            dirs.append(d)
+        model_args = [a for d in dirs for a in ("--model", d)]
+        ev = self.path("eval")
+        self.ropebert("eval", "retrieval", "--data", ev / "docstrings-heldout", *model_args, *NO_PREFIXES,
+                      "--output", ev / "curve-docstrings.json", "--no-progress")
+        if self.shared is not None:
+            self.ropebert("eval", "retrieval", "--data", self.shared / "msmarco", *model_args, *NO_PREFIXES,
+                          *(["--max-docs", 300] if self.quick else []), "--output", ev / "curve-msmarco.json",
+                          "--no-progress")
+
     def summary(self):
         text = write_summary(self.out)
         print("\n" + text)
@@ -243,16 +286,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--fresh", action="store_true", help="delete the artifact directory and start over")
     ap.add_argument("--steps", type=int, default=None,
                     help="stage-1 optimizer steps (default: configs/demo/pretrain.yaml's max_steps); a longer run")
+    ap.add_argument("--curve", type=int, default=None, metavar="K",
+                    help="keep every K-th stage-1 checkpoint (stage 2: every 10th) and report nDCG@10 against steps "
+                         "for both stages")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     shared = Path(args.shared) if Path(args.shared, "msmarco", "corpus.jsonl").is_file() else None
-    d = Demo(out, shared, args.quick, args.steps)
+    for flag, v in (("--steps", args.steps), ("--curve", args.curve)):
+        if v is not None and v < 1:
+            raise UserError(f"{flag} must be >= 1, got {v}")
+    d = Demo(out, shared, args.quick, args.steps, args.curve)
+    steps = [("convert", d.convert), ("shards", d.shards), ("stage1", d.stage1), ("mine", d.mine),
+             ("stage2", d.stage2), ("reload", d.reload), ("evaluate", d.evaluate)]
+    if args.curve:
+        steps.append(("curve", d.curve_eval))
     try:
-        for name, fn in [("convert", d.convert), ("shards", d.shards), ("stage1", d.stage1), ("mine", d.mine),
-                         ("stage2", d.stage2), ("reload", d.reload), ("evaluate", d.evaluate)]:
+        for name, fn in steps:
             d.step(name, fn)
     except KeyboardInterrupt:
         print(f"\n[demo] interrupted; run the same command again to resume (finished steps are kept in {d.marks}, "

@@ -49,3 +49,38 @@ def test_summary_from_eval_files(tmp_path):
     assert "ntk above no-extension at 2048 tokens (60.0 vs 30.0): yes" in text
     assert "selfextend above no-extension at 2048 tokens (20.0 vs 30.0): NO" in text
     assert "MS MARCO: ../shared/data absent" in text and "3.00e-07" in text
+
+
+def test_curve_table_and_points(tmp_path):
+    """--curve: kept step checkpoints of both stages, in training order; the summary's steps table."""
+    for name, steps in (("demo-pretrain", (40, 80)), ("demo-finetune", (10, 20))):
+        (tmp_path / "ckpt" / name).mkdir(parents=True)
+        for s in steps:
+            (tmp_path / "ckpt" / name / f"step{s:07d}.ckpt").write_bytes(b"")
+        (tmp_path / "ckpt" / name / "last.ckpt").write_bytes(b"")
+    d = Demo(tmp_path, None, quick=True, curve=40)
+    assert [(s, n) for s, n, _ in d.curve_points()] == [("stage 1", 40), ("stage 1", 80), ("stage 2", 10),
+                                                        ("stage 2", 20)]
+    assert d.keep_checkpoints(40) == ["--checkpoint.every_n_train_steps", 40, "--checkpoint.save_top_k", -1]
+    assert Demo(tmp_path, None, quick=True).keep_checkpoints(40) == []
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    (ev / "docstrings.json").write_text(json.dumps(_retrieval([("st:/x/ape", 0.9)])))
+    curve = [(str(tmp_path / f"models/curve/{s}-step{n:07d}"), v)
+             for s, n, v in (("stage2", 10, 0.85), ("stage1", 80, 0.84), ("stage1", 40, 0.82))]
+    (ev / "curve-docstrings.json").write_text(json.dumps(_retrieval(curve)))
+    text = write_summary(tmp_path)
+    assert "nDCG@10 against training steps (`--curve`; APE parent: held-out 0.9000)" in text
+    rows = [" ".join(line.split()) for line in text.splitlines() if line.startswith("| stage ")][1:]
+    assert rows == ["| stage 1 | 40 | 0.8200 |", "| stage 1 | 80 | 0.8400 |", "| stage 2 | 10 | 0.8500 |"]
+
+
+def test_curve_without_checkpoints_and_bad_flags(tmp_path):
+    from ropebert.errors import UserError
+    from ropebert.pipelines.demo.run import main
+
+    with pytest.raises(UserError, match="--curve: no step checkpoints"):
+        Demo(tmp_path, None, quick=True, curve=10).curve_eval()
+    for flag in ("--curve", "--steps"):
+        with pytest.raises(UserError, match=f"{flag} must be >= 1, got 0"):
+            main(["--out", str(tmp_path / "o"), flag, "0"])
