@@ -40,8 +40,12 @@ def _curve_key(spec: str):
 
 def curve_table(curve_doc: dict, curve_ms: dict | None, ms: dict | None, doc: dict | None) -> list[str]:
     """nDCG@10 against training steps of both stages (`ropebert demo --curve K`), the APE parent beside."""
-    d = {_curve_key(r["name"]): r["metrics"]["ndcg@10"] for r in curve_doc["results"]}
-    m = {} if curve_ms is None else {_curve_key(r["name"]): r["metrics"]["ndcg@10"] for r in curve_ms["results"]}
+    def points(res):
+        return {_curve_key(r["name"]): r["metrics"]["ndcg@10"] for r in res["results"] if "-step" in r["name"]}
+
+    d = points(curve_doc)
+    m = {} if curve_ms is None else points(curve_ms)
+    doc, ms = doc or curve_doc, ms or curve_ms  # the parent: from the main evaluation, else the curve's own run
     header = ["stage", "step", "held-out docstrings nDCG@10"] + (["MS MARCO nDCG@10"] if curve_ms else [])
     rows = [[s, str(n), f"{v:.4f}"] + ([f"{m[(s, n)]:.4f}" if (s, n) in m else "—"] if curve_ms else [])
             for (s, n), v in sorted(d.items())]

@@ -261,7 +261,7 @@ class Demo:
             if not (d / "config.json").is_file():
                 self.ropebert("export", ck, "--out", d, *NO_PROMPTS, "--overwrite")
             dirs.append(d)
-        model_args = [a for d in dirs for a in ("--model", d)]
+        model_args = [a for d in dirs for a in ("--model", d)] + ["--baseline", f"st:{self.ape}"]
         ev = self.path("eval")
         self.ropebert("eval", "retrieval", "--data", ev / "docstrings-heldout", *model_args, *NO_PREFIXES,
                       "--output", ev / "curve-docstrings.json", "--no-progress")
@@ -301,8 +301,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     d = Demo(out, shared, args.quick, args.steps, args.curve)
     steps = [("convert", d.convert), ("shards", d.shards), ("stage1", d.stage1), ("mine", d.mine),
              ("stage2", d.stage2), ("reload", d.reload), ("evaluate", d.evaluate)]
-    if args.curve:
-        steps.append(("curve", d.curve_eval))
+    if args.curve:  # before the long-context evaluation: the curve needs only the kept checkpoints
+        steps.insert(-1, ("curve", d.curve_eval))
     try:
         for name, fn in steps:
             d.step(name, fn)

@@ -217,10 +217,16 @@ def test_sigkill_during_checkpoint_write_then_resume(tiny_bert_dir, pair_shards,
 # -- 2 ranks, SIGKILL at an arbitrary step, resume: identical sample keys and losses ---------------------------
 
 
-def _two_rank_args(tiny_bert_dir, pair_shards, out: Path):
+# the APE BERT the student is converted from, as its frozen teacher with every teacher term on
+TEACHER_ARGS = ("--model.teacher_hidden_weight", "1", "--model.teacher_hidden_kind", "mse",
+                "--model.teacher_embed_weight", "1", "--model.teacher_score_weight", "1")
+
+
+def _two_rank_args(tiny_bert_dir, pair_shards, out: Path, teacher: bool = False):
     return _base_args(tiny_bert_dir, pair_shards, tiny_bert_dir, out, steps=14, batch=8, extra=(
         "--trainer.devices", "2", "--trainer.strategy", "ropebert_ddp", "--data.sample_log", str(out / "samples"),
-        "--data.num_workers", "1"))
+        "--data.num_workers", "1",
+        *(("--model.teacher", str(tiny_bert_dir), *TEACHER_ARGS) if teacher else ())))
 
 
 def _fit_cmd(args):
@@ -228,14 +234,15 @@ def _fit_cmd(args):
 
 
 @pytest.mark.slow
-def test_two_rank_sigkill_resume_is_bitwise_identical(tiny_bert_dir, pair_shards, tmp_path):
+@pytest.mark.parametrize("teacher", [False, True], ids=["no-teacher", "teacher"])
+def test_two_rank_sigkill_resume_is_bitwise_identical(tiny_bert_dir, pair_shards, tmp_path, teacher):
     ref, cut = tmp_path / "uninterrupted", tmp_path / "killed"
-    r = subprocess.run(_fit_cmd(_two_rank_args(tiny_bert_dir, pair_shards, ref)), env=_env(), capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run(_fit_cmd(_two_rank_args(tiny_bert_dir, pair_shards, ref, teacher)), env=_env(),
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
 
     # the same run, SIGKILLed (whole process group: both ranks) once rank 0 has logged its 5th step
-    p = subprocess.Popen(_fit_cmd(_two_rank_args(tiny_bert_dir, pair_shards, cut)), env=_env(),
+    p = subprocess.Popen(_fit_cmd(_two_rank_args(tiny_bert_dir, pair_shards, cut, teacher)), env=_env(),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     log0 = cut / "steps" / "step-rank-0.jsonl"
     deadline = time.time() + 300
@@ -251,8 +258,8 @@ def test_two_rank_sigkill_resume_is_bitwise_identical(tiny_bert_dir, pair_shards
     ck = torch.load(cut / "ckpt" / "last.ckpt", weights_only=True, map_location="cpu")
     assert 3 <= ck["global_step"] < 14
 
-    r = subprocess.run(_fit_cmd(_two_rank_args(tiny_bert_dir, pair_shards, cut) + ["--ckpt_path", "last"]), env=_env(),
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(_fit_cmd(_two_rank_args(tiny_bert_dir, pair_shards, cut, teacher) + ["--ckpt_path", "last"]),
+                       env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
 
     for rank in (0, 1):
@@ -262,6 +269,9 @@ def test_two_rank_sigkill_resume_is_bitwise_identical(tiny_bert_dir, pair_shards
         la = _last_per_step(ref / "steps" / f"step-rank-{rank}.jsonl")
         lb = _last_per_step(cut / "steps" / f"step-rank-{rank}.jsonl")
         assert [x["loss"] for x in la.values()] == [x["loss"] for x in lb.values()], f"rank {rank}: losses differ"
+    if teacher:  # the teacher terms were on, and the resumed run checked the teacher's hash
+        assert ck["ropebert_teacher"]["path"] == str(tiny_bert_dir) and len(ck["ropebert_teacher"]["sha256"]) == 64
+        assert ck["hyper_parameters"]["teacher_hidden_weight"] == 1
     # the epoch boundary was crossed (151 pairs, 2 ranks x 8: 9 batches per rank per epoch)
     assert {k[0] for k in _last_per_step(ref / "samples" / "rank-0.jsonl")} == {0, 1}
     # every sample at most once per epoch across both ranks
