@@ -88,7 +88,9 @@ SHAPES = {
 DOCSTRING_PACKAGES = ["json", "email", "argparse", "logging", "asyncio", "unittest", "collections"]
 PEAK_BF16_TFLOPS = [("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0)]
 MODELS = ("ropebert", "baseline")
+TEACHER = "ropebert+teacher"
 LABELS = {"ropebert": "ropebert (contrastive_step + contrastive_loss)",
+          TEACHER: "ropebert + frozen APE teacher (hidden MSE, pooled, score KL; weights 1)",
           "baseline": "HF BertModel sdpa padded + ST MNRL"}
 
 
@@ -122,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-memory", action="store_true", help="skip the per-model peak-memory subprocesses")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: known GPUs, bf16)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--teacher", action="store_true",
+                    help="also time ropebert with the APE source as a frozen teacher (every teacher term on, "
+                         "weight 1: token-level hidden MSE in each chunk's replay, pooled 1 - cos, score-row KL), "
+                         "in the same alternating loop; the ratio row gains teacher_overhead")
     ap.add_argument("--tokenizer", default=None, metavar="DIR",
                     help="tokenizer with BERT's 30,522-token uncased WordPiece vocabulary, for the batch and the "
                          "bert-base weights (default: the offline all-MiniLM-L6-v2's)")
@@ -243,13 +249,18 @@ def _adamw(named_params, lr=1e-5, weight_decay=0.01):
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr)
 
 
-def build_ropebert(model_dir: str, groups: dict, args, device: torch.device):
+def build_ropebert(model_dir: str, groups: dict, args, device: torch.device, teacher: bool = False):
+    """The module's own step (training_step without Lightning): teacher embeddings chunk by chunk without a
+    graph, then contrastive_step with the module's embed function (the token-level hidden term inside each
+    chunk's replay) and loss function."""
     from ropebert.pipelines.train.gradcache import allreduce_gradients, contrastive_step
     from ropebert.pipelines.train.module import RopeBertContrastive
 
+    kw = dict(teacher=model_dir, teacher_hidden_weight=1.0, teacher_hidden_kind="mse", teacher_embed_weight=1.0,
+              teacher_score_weight=1.0) if teacher else {}
     mod = RopeBertContrastive(init_from=model_dir, stage="pretrain", temperature=args.temperature,
                               gradcache_chunk=args.chunk, attn_backend=args.backend, attention_dropout=0.0,
-                              grad_clip=1.0, compile=args.compile, seed=args.seed)
+                              grad_clip=1.0, compile=args.compile, seed=args.seed, **kw)
     mod.configure_model()
     mod = mod.to(device).train()
     opt = _adamw(mod.named_parameters())
@@ -258,10 +269,13 @@ def build_ropebert(model_dir: str, groups: dict, args, device: torch.device):
     autocast = dtype != torch.float32
     feats = {k: {"input_ids": g["input_ids"], "attention_mask": g["attention_mask"]} for k, g in groups.items()}
     real = sum(int(g["attention_mask"].sum()) for g in groups.values())
+    n_texts = sum(int(g["input_ids"].shape[0]) for g in groups.values())
 
     def step() -> float:
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            res = contrastive_step(mod._embed, feats, mod._loss_fn({}), chunk_size=args.chunk)
+            teacher_embs = mod._teacher_embeddings(feats)
+            res = contrastive_step(mod._embed_fn(n_texts), feats, mod._loss_fn({}, teacher_embs),
+                                   chunk_size=args.chunk)
         if res.finite:
             allreduce_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -340,7 +354,8 @@ def _mem_worker(payload: str, json_path: str) -> None:
     import ropebert.pipelines.train.module  # noqa: F401
 
     groups = {k: {n: t.to(device) for n, t in g.items()} for k, g in torch.load(cfg["batch"]).items()}
-    build = build_ropebert if cfg["model"] == "ropebert" else build_baseline
+    build = {"ropebert": build_ropebert, "baseline": build_baseline,
+             TEACHER: lambda *a: build_ropebert(*a, teacher=True)}[cfg["model"]]
     row = {"model": cfg["model"]}
     gpu = device.type == "cuda"
     mem = PeakMemory(device)
@@ -409,6 +424,10 @@ def run(args: Union[argparse.Namespace, Sequence[str], None] = None, *, log=None
         torch.manual_seed(args.seed)
         rb_mod, rb_step = build_ropebert(model_dir, groups, args, device)
         bl_mod, bl_step = build_baseline(model_dir, groups, args, device)
+        models = MODELS + ((TEACHER,) if args.teacher else ())
+        steps = {"ropebert": rb_step, "baseline": bl_step}
+        if args.teacher:
+            steps[TEACHER] = build_ropebert(model_dir, groups, args, device, teacher=True)[1]
         from ropebert.model.modeling_ropebert import resolve_attention_backend
 
         def backend_for(g):
@@ -426,30 +445,29 @@ def run(args: Union[argparse.Namespace, Sequence[str], None] = None, *, log=None
         if peak is None and gpu and dtype == torch.bfloat16:
             peak = gpu_peak_tflops(torch.cuda.get_device_name(device))
 
-        steps = {"ropebert": rb_step, "baseline": bl_step}
         losses = {}
-        for name in MODELS:  # warm-up, untimed
+        for name in models:  # warm-up, untimed
             for _ in range(args.warmup):
                 t0 = time.perf_counter()
                 losses[name] = steps[name]()
                 sync(device)
                 log(f"[train_step] warm-up {name}: {time.perf_counter() - t0:.2f} s (loss {losses[name]:.3f})")
-        times: dict[str, list[float]] = {n: [] for n in MODELS}
+        times: dict[str, list[float]] = {n: [] for n in models}
         for i in range(args.steps):
-            order = MODELS if i % 2 == 0 else MODELS[::-1]
+            order = models if i % 2 == 0 else models[::-1]
             for name in order:
                 sync(device)
                 t0 = time.perf_counter()
                 losses[name] = steps[name]()
                 sync(device)
                 times[name].append(time.perf_counter() - t0)
-            log(f"[train_step] step {i + 1}/{args.steps}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in MODELS))
+            log(f"[train_step] step {i + 1}/{args.steps}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in models))
         load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
         del rb_mod, bl_mod, steps, rb_step, bl_step
 
         mem = {}
         if not args.no_memory:
-            for name in MODELS:
+            for name in models:
                 log(f"[train_step] peak memory of {name} (fresh subprocess) ...")
                 med = statistics.median(times[name])
                 mem[name] = measure_memory(name, model_dir, batch_file, args,
@@ -472,7 +490,7 @@ def run(args: Union[argparse.Namespace, Sequence[str], None] = None, *, log=None
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
     }
     rows = []
-    for name in MODELS:
+    for name in models:
         t = statistics.median(times[name])
         m = mem.get(name, {})
         rows.append({
@@ -482,15 +500,18 @@ def run(args: Union[argparse.Namespace, Sequence[str], None] = None, *, log=None
             "peak_bytes": m.get("peak_bytes"), "reserved_bytes": m.get("reserved_bytes"),
             "abs_peak_bytes": m.get("abs_peak_bytes"), "model_rss_bytes": m.get("model_rss_bytes"),
             "memory": m.get("memory", m.get("status")), "loss": losses[name],
-            "params": counts[name]["total"], "setting": setting,
+            "params": counts["baseline" if name == "baseline" else "ropebert"]["total"], "setting": setting,
         })
     ratio = rows[1]["step_s"] / rows[0]["step_s"]
     targets = ({"ratio": 2.5, "mfu": 0.45} if gpu else {"ratio": 1.3})
     met = {"ratio": ratio >= targets["ratio"]}
     if "mfu" in targets:
         met["mfu"] = rows[0]["mfu"] is not None and rows[0]["mfu"] >= targets["mfu"]
+    extra = {}
+    if args.teacher:  # the teacher's cost, measured in the same alternating loop
+        extra["teacher_overhead"] = rows[2]["step_s"] / rows[0]["step_s"]
     rows.append({"model": "ratio", "status": "ok", "ratio": ratio, "targets": targets, "met": met,
-                 "setting": setting})
+                 "setting": setting, **extra})
     run.header = setting
     return rows
 
@@ -538,6 +559,8 @@ def report(rows: list[dict], command: str) -> str:
         f"{tgt['ratio']}x ({'GPU' if gpu else 'CPU'}): {'MET' if rr['met']['ratio'] else 'NOT met'}"
         + (f"; ropebert MFU target >= {100 * tgt['mfu']:.0f}%: {'MET' if rr['met']['mfu'] else 'NOT met'}"
            if "mfu" in tgt else ""),
+        *([f"teacher overhead (ropebert + teacher step / ropebert step, same run): {rr['teacher_overhead']:.2f}x"]
+          if "teacher_overhead" in rr else []),
         "step times (s): " + "; ".join(f"{r['model']} " + ", ".join(f"{t:.2f}" for t in r["step_s_all"])
                                        for r in rows[:-1]),
         "FLOPs/step = 3 * sum_i (2 N n_i + 4 L C n_i^2) over real tokens (N = encoder-layer params, "
