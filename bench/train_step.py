@@ -78,8 +78,18 @@ import time
 from typing import Optional, Sequence, Union
 
 import torch
-from common import (REPO, PeakMemory, add_result_args, command_line, device_name, emit, fmt_mem, parse_or_run_child,
-                    run_isolated, sync)
+from common import (
+    REPO,
+    PeakMemory,
+    add_result_args,
+    command_line,
+    device_name,
+    emit,
+    fmt_mem,
+    parse_or_run_child,
+    run_isolated,
+    sync,
+)
 
 SHAPES = {
     "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
@@ -351,6 +361,7 @@ def _mem_worker(payload: str, json_path: str) -> None:
     device = torch.device(args.device)
     # import both stacks first, so the baseline reading is the same for both models
     import sentence_transformers.sentence_transformer.losses  # noqa: F401
+
     import ropebert.pipelines.train.module  # noqa: F401
 
     groups = {k: {n: t.to(device) for n, t in g.items()} for k, g in torch.load(cfg["batch"]).items()}
