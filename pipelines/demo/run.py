@@ -292,6 +292,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     if args.fresh and out.exists():
+        if any(out.iterdir()) and not (out / ".demo").is_dir():  # never delete what the demo did not create
+            raise UserError(f"--fresh: {out} is not a `ropebert demo` artifact directory (no .demo/ inside); "
+                            "remove it yourself or choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     shared = Path(args.shared) if Path(args.shared, "msmarco", "corpus.jsonl").is_file() else None

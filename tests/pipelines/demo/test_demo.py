@@ -84,3 +84,13 @@ def test_curve_without_checkpoints_and_bad_flags(tmp_path):
     for flag in ("--curve", "--steps"):
         with pytest.raises(UserError, match=f"{flag} must be >= 1, got 0"):
             main(["--out", str(tmp_path / "o"), flag, "0"])
+
+
+def test_fresh_refuses_a_directory_the_demo_did_not_create(tmp_path):
+    from ropebert.errors import UserError
+    from ropebert.pipelines.demo.run import main
+
+    (tmp_path / "mine.txt").write_text("a user's file")
+    with pytest.raises(UserError, match="not a `ropebert demo` artifact directory"):
+        main(["--out", str(tmp_path), "--fresh"])
+    assert (tmp_path / "mine.txt").read_text() == "a user's file"
