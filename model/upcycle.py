@@ -69,7 +69,10 @@ def upcycle(model: RopeBertModel, *, num_experts: int = 8, top_k: int = 2, every
         state[pre + "moe.router.weight"] = torch.randn(E, C, generator=gen) * float(router_std)  # (E, C)
     out = RopeBertModel(cfg)
     out.load_state_dict(state, strict=True)
-    out.tokenizer = model._tokenizer  # else resolved from the source directory (config._name_or_path, copied)
+    try:
+        out.tokenizer = model.tokenizer  # the source's (loaded from its directory on first use)
+    except ValueError:
+        out.tokenizer = None  # none known: export then needs one passed
     return out.eval()
 
 
