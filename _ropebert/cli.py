@@ -28,6 +28,7 @@ COMMANDS: Table = {
     "fit": ("ropebert.pipelines.train.fit:main", "train (LightningCLI): stage 1 / stage 2 contrastive, multi-node, exact resume"),
     "mine": ("ropebert.pipelines.mine.negatives:main", "mine hard negatives with a model and write stage-2 shards"),
     "score": ("ropebert.pipelines.mine.score:main", "re-score stage-2 shards with a teacher (re-ranker logits or cosine)"),
+    "upcycle": ("ropebert.model.upcycle:main", "make a sparse mixture-of-experts model from a dense one (experts = FFN copies)"),
     "export": ("ropebert.model.export:main", "export a model dir / checkpoint to a Hugging Face directory (--verify)"),
     "eval": ("ropebert.pipelines.eval.cli:main", "evaluate: retrieval (BEIR), passkey, needle (LongEmbed-style)"),
     "similarity": ("ropebert.pipelines.eval.similarity:main", "embed texts with a model and print a cosine-similarity table"),

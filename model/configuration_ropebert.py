@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 # position_scale / rope_scaling.factor value: LongEmbed's per-input factor ceil(n / original length), per sequence
 AUTO = "auto"
+# the `moe` block's keys and defaults (see RopeBertConfig; Nomic Embed v2's setting)
+MOE_DEFAULTS = {"num_experts": 8, "top_k": 2, "every_n_layers": 2, "normalize_weights": False, "aux_loss_coef": 1.0}
 # transformers 5's rope_parameters "rope_type" <-> this config's rope_scaling "type" (same formulas)
 ROPE_TYPE_TO_SCALING = {"linear": "pi", "dynamic": "dynamic_ntk"}
 SCALING_TO_ROPE_TYPE = {v: k for k, v in ROPE_TYPE_TO_SCALING.items()}
@@ -100,6 +102,15 @@ class RopeBertConfig(PretrainedConfig):
             L2-renormalised. None: hidden_size.
         matryoshka_dims: the prefix sizes the model was trained for (a record; None: not Matryoshka-trained).
         matryoshka_layers: the layers (1-based) whose pooled outputs were trained as embeddings (a record).
+
+    Sparse mixture of experts (Nomic Embed v2's layout):
+        moe: None (dense: every layer has the BERT FFN) or {"num_experts": E >= 1, "top_k": k in 1..E,
+            "every_n_layers": n >= 1, "normalize_weights": bool, "aux_loss_coef": float >= 0}; missing keys take
+            MOE_DEFAULTS (8, 2, 2, false, 1.0). 0-based layer i is an MoE layer when i % n == 1 (with n == 1:
+            every layer). Each expert is a BERT FFN; a bias-free router, softmax over the E experts, top-k per
+            token; the k weights are renormalised to sum to 1 only when normalize_weights. The load-balancing
+            loss (Switch: E * sum_e f_e * P_e per MoE layer, averaged over MoE layers) times aux_loss_coef is
+            the model output's `aux_loss`.
     """
 
     model_type = "ropebert"
@@ -132,6 +143,7 @@ class RopeBertConfig(PretrainedConfig):
         embedding_dim: Optional[int] = None,
         matryoshka_dims: Optional[list] = None,
         matryoshka_layers: Optional[list] = None,
+        moe: Optional[dict] = None,
         **kwargs,
     ):
         super().__init__(pad_token_id=pad_token_id, **kwargs)
@@ -170,6 +182,7 @@ class RopeBertConfig(PretrainedConfig):
         self.embedding_dim = embedding_dim
         self.matryoshka_dims = list(matryoshka_dims) if matryoshka_dims is not None else None
         self.matryoshka_layers = list(matryoshka_layers) if matryoshka_layers is not None else None
+        self.moe = {**MOE_DEFAULTS, **moe} if isinstance(moe, dict) else moe
         self.validate_ropebert()
 
     # transformers >= 5 turns `rope_scaling` into a deprecated alias of its own `rope_parameters` format. At run time
@@ -236,6 +249,50 @@ class RopeBertConfig(PretrainedConfig):
         if ed is not None and (not isinstance(ed, int) or isinstance(ed, bool) or not 1 <= ed <= self.hidden_size):
             raise ValueError(f"RopeBertConfig.embedding_dim must be null or an int in 1..hidden_size={self.hidden_size}, "
                              f"got {ed!r}")
+
+        self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        m = self.moe
+        if m is None:
+            return
+        if not isinstance(m, dict) or set(m) - set(MOE_DEFAULTS):
+            raise ValueError(f"RopeBertConfig.moe must be null or a dict with keys {sorted(MOE_DEFAULTS)}, got {m!r}")
+
+        def is_int(x):
+            return not isinstance(x, bool) and isinstance(x, int)
+
+        e, k, n = m["num_experts"], m["top_k"], m["every_n_layers"]
+        if not is_int(e) or e < 1:
+            raise ValueError(f"RopeBertConfig.moe.num_experts must be an int >= 1, got {e!r}")
+        if not is_int(k) or k < 1:
+            raise ValueError(f"RopeBertConfig.moe.top_k must be an int >= 1, got {k!r}")
+        if k > e:
+            raise ValueError(f"RopeBertConfig.moe.top_k={k} exceeds num_experts={e}: a token cannot pick more "
+                             "experts than there are")
+        if not is_int(n) or n < 1:
+            raise ValueError(f"RopeBertConfig.moe.every_n_layers must be an int >= 1, got {n!r}")
+        if not isinstance(m["normalize_weights"], bool):
+            raise ValueError(f"RopeBertConfig.moe.normalize_weights must be true or false, got {m['normalize_weights']!r}")
+        c = m["aux_loss_coef"]
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
+            raise ValueError(f"RopeBertConfig.moe.aux_loss_coef must be a finite number >= 0, got {c!r}")
+        if not self.moe_layers:
+            raise ValueError(f"RopeBertConfig.moe: every_n_layers={n} puts no MoE layer in {self.num_hidden_layers} "
+                             "layers (layer i is MoE when i % every_n_layers == 1, 0-based)")
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether 0-based layer i is a mixture-of-experts layer (Nomic's layout: i % every_n_layers == 1)."""
+        m = getattr(self, "moe", None)
+        if m is None:
+            return False
+        n = int(m["every_n_layers"])
+        return n == 1 or i % n == 1
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """The 0-based indices of the MoE layers ([] for a dense model)."""
+        return [i for i in range(int(self.num_hidden_layers)) if self.is_moe_layer(i)]
 
     @property
     def output_dim(self) -> int:

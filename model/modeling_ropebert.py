@@ -8,6 +8,8 @@ embeddings applied to q and k in every layer.
                  x = LayerNorm(x + dropout(dense(attn)))                   (post-LN)
                  x = LayerNorm(x + dropout(dense(gelu_erf(dense(x)))))
     embedding:   masked mean pooling over the last hidden state + L2 normalisation (no pooler)
+    MoE layers (config.moe; 0-based layer i with i % every_n_layers == 1): the FFN of the last line is replaced
+                 by a sparse mixture of E such FFNs, top-k routed per token (see "Mixture of experts" below)
 
 This file is the single source of truth for the model: `ropebert export` copies it verbatim (with
 configuration_ropebert.py) into the exported Hugging Face directory. It therefore imports only the
@@ -117,6 +119,7 @@ class AttentionContext:
     q_scale: Optional[torch.Tensor] = None  # (B, 1, 1, 1) padded or (T, 1, 1) packed: attn_scale_base factor
     self_extend: Optional[tuple[int, int]] = None  # (group_size, window) when some sequence is long
     original_length: int = 0  # sequences not longer than this use plain attention under SelfExtend
+    moe_stats: list = field(default_factory=list)  # filled by the MoE layers: (4,) each, see RopeBertMoE
     _cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
 
     def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -652,19 +655,178 @@ class RopeBertLayer(nn.Module):
         return self.output(self.intermediate(x), x)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Mixture of experts (Nomic Embed v2): in an MoE layer the FFN is replaced by E experts, each a BERT FFN
+# (intermediate dense -> exact GELU -> output dense), and a bias-free router:
+#
+#   p = softmax(x W_r^T)                          (T, E)   router probabilities, fp32
+#   w, e = top_k(p)                               (T, k)   token choice; w /= w.sum() when normalize_weights
+#   y_t = sum_j w_tj * FFN_{e_tj}(x_t)            (T, C)   replaces dense(gelu(dense(x))) in the post-LN block
+#
+# Dropless: every token reaches its k experts, no capacity. Only real tokens are routed (padded batches are
+# unpadded inside the layer). Dispatch "sorted": the T*k (token, expert) slots are sorted by expert so each
+# expert runs one GEMM pair on a contiguous slice, and the weighted outputs are scattered back; "dense" (the
+# reference for tests): every expert on every token, combined with the routing weights (0 for unchosen experts).
+# Load balancing (Switch Transformer): aux = E * sum_e f_e * P_e per layer, f_e the fraction of the T*k slots
+# routed to e, P_e the mean router probability of e; 1 when perfectly balanced, E when all go to one expert.
+# ----------------------------------------------------------------------------------------------------------
+
+
+class RopeBertExperts(nn.Module):
+    """E BERT FFNs with stacked weights: intermediate (E, I, C) + (E, I), output (E, C, I) + (E, C)."""
+
+    def __init__(self, config: RopeBertConfig):
+        super().__init__()
+        E, C, inner = int(config.moe["num_experts"]), config.hidden_size, config.intermediate_size
+        self.num_experts = E
+        self.intermediate_weight = nn.Parameter(torch.empty(E, inner, C))
+        self.intermediate_bias = nn.Parameter(torch.zeros(E, inner))
+        self.output_weight = nn.Parameter(torch.empty(E, C, inner))
+        self.output_bias = nn.Parameter(torch.zeros(E, C))
+        self.act = ACT2FN[config.hidden_act]  # "gelu" = exact erf GELU, as the dense FFN
+        # initialised by RopeBertPreTrainedModel._init_weights (normal(initializer_range) weights, zero biases)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """FFN of expert e on x (n, C) -> (n, C)."""
+        h = self.act(F.linear(x, self.intermediate_weight[e], self.intermediate_bias[e]))  # (n, I)
+        return F.linear(h, self.output_weight[e], self.output_bias[e])  # (n, C)
+
+
+def moe_dispatch_sorted(experts: RopeBertExperts, x: torch.Tensor, weights: torch.Tensor,
+                        index: torch.Tensor) -> torch.Tensor:
+    """Dropless sparse dispatch. x (T, C), weights / index (T, k) -> (T, C).
+
+    The T*k slots are sorted by expert (stable), each expert runs on its contiguous slice of the gathered tokens,
+    and the outputs, scaled by their routing weight, are summed back into their tokens."""
+    T, k = index.shape
+    flat = index.reshape(-1)  # (T*k,) expert of each slot
+    order = flat.argsort(stable=True)  # slots grouped by expert
+    token = order // k  # (T*k,) token of each sorted slot
+    counts = torch.bincount(flat, minlength=experts.num_experts).tolist()
+    xs = x[token]  # (T*k, C)
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            outs.append(experts.expert(e, xs[start : start + n]))  # (n, C)
+        start += n
+    ys = torch.cat(outs, dim=0) if outs else xs.new_zeros(0, x.shape[-1])  # (T*k, C)
+    ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
+    return torch.zeros_like(x).index_add_(0, token, ys)  # (T, C)
+
+
+def moe_dispatch_dense(experts: RopeBertExperts, x: torch.Tensor, weights: torch.Tensor,
+                       index: torch.Tensor) -> torch.Tensor:
+    """Reference: every expert on every token, masked by the routing weights. x (T, C), weights / index (T, k)."""
+    combine = torch.zeros(x.shape[0], experts.num_experts, dtype=weights.dtype, device=x.device)
+    combine.scatter_(1, index, weights)  # (T, E), zero for experts a token did not choose
+    ys = torch.stack([experts.expert(e, x) for e in range(experts.num_experts)], dim=1)  # (T, E, C)
+    return (ys * combine[..., None].to(ys.dtype)).sum(dim=1)  # (T, C)
+
+
+# name -> fn(experts, x (T, C), weights (T, k), index (T, k)) -> (T, C); RopeBertMoE.impl picks one
+MOE_IMPLS: dict[str, Callable] = {"sorted": moe_dispatch_sorted, "dense": moe_dispatch_dense}
+
+
+def set_moe_impl(model: nn.Module, name: str) -> None:
+    """Use dispatch `name` (a MOE_IMPLS key) in every MoE layer of `model`."""
+    if name not in MOE_IMPLS:
+        raise ValueError(f"unknown MoE dispatch {name!r}; available: {sorted(MOE_IMPLS)}")
+    for m in model.modules():
+        if isinstance(m, RopeBertMoE):
+            m.impl = name
+
+
+class RopeBertMoE(nn.Module):
+    """Router (bias-free, E x C) + experts. forward(x (..., C), mask) -> (y (..., C), stats (4,)).
+
+    stats: [load-balancing loss (with graph), min and max share of slots per expert, mean router entropy]."""
+
+    def __init__(self, config: RopeBertConfig):
+        super().__init__()
+        m = config.moe
+        self.num_experts, self.top_k = int(m["num_experts"]), int(m["top_k"])
+        self.normalize_weights = bool(m["normalize_weights"])
+        self.router = nn.Linear(config.hidden_size, self.num_experts, bias=False)
+        self.experts = RopeBertExperts(config)
+        self.impl = "sorted"
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (T, C) -> fp32 probabilities (T, E), top-k weights (T, k), expert indices (T, k)."""
+        logits = F.linear(x.float(), self.router.weight.float())  # (T, E)
+        probs = logits.softmax(dim=-1)
+        weights, index = probs.topk(self.top_k, dim=-1)  # (T, k)
+        if self.normalize_weights:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return probs, weights, index
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
+        flat = x.reshape(-1, x.shape[-1]) if mask is None else x[mask]  # (T, C) real tokens only
+        probs, weights, index = self.route(flat)
+        y = MOE_IMPLS[self.impl](self.experts, flat, weights, index)  # (T, C)
+        if mask is not None:
+            out = x.new_zeros(x.shape)  # (B, L, C); padding positions get no FFN output
+            out[mask] = y
+            y = out
+        else:
+            y = y.view(x.shape)
+        T, E = probs.shape
+        if T:
+            share = torch.bincount(index.reshape(-1), minlength=E).to(torch.float32) / (T * self.top_k)  # f_e (E,)
+            aux = E * (share * probs.mean(dim=0)).sum()
+            entropy = -(probs * probs.clamp_min(1e-30).log()).sum(dim=-1).mean()
+            stats = torch.stack((aux, share.min(), share.max(), entropy.detach()))
+        else:
+            stats = probs.new_zeros(4) + probs.sum()  # no token: zero, still attached to the graph
+        return y, stats
+
+
+class RopeBertMoEOutput(nn.Module):
+    """The post-LN block of an MoE layer: LayerNorm(x + dropout(moe(x))) (BERT's output.LayerNorm name kept)."""
+
+    def __init__(self, config: RopeBertConfig):
+        super().__init__()
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, h, residual):
+        return self.LayerNorm(residual + self.dropout(h))
+
+
+class RopeBertMoELayer(nn.Module):
+    """Attention as in RopeBertLayer, then the MoE FFN. Weights: attention.*, moe.router.weight (E, C),
+    moe.experts.{intermediate,output}_{weight,bias}, output.LayerNorm.*. Returns (x, stats (4,))."""
+
+    def __init__(self, config: RopeBertConfig):
+        super().__init__()
+        self.attention = RopeBertAttention(config)
+        self.moe = RopeBertMoE(config)
+        self.output = RopeBertMoEOutput(config)
+
+    def forward(self, x, ctx, backend):
+        x = self.attention(x, ctx, backend)
+        mask = ctx.attention_mask if (not ctx.packed and ctx.has_padding) else None
+        y, stats = self.moe(x, mask)
+        return self.output(y, x), stats
+
+
 class RopeBertEncoder(nn.Module):
     def __init__(self, config: RopeBertConfig):
         super().__init__()
-        self.layer = nn.ModuleList([RopeBertLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layer = nn.ModuleList([RopeBertMoELayer(config) if config.is_moe_layer(i) else RopeBertLayer(config)
+                                    for i in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False
 
     def forward(self, x, ctx, backend, output_hidden_states: bool = False):
+        """Returns (x, all_hidden); the MoE layers' stats (4,) each are appended to ctx.moe_stats."""
         all_hidden = [x] if output_hidden_states else None
         for layer in self.layer:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, ctx, backend, use_reentrant=False)
             else:
                 x = layer(x, ctx, backend)
+            if isinstance(x, tuple):  # an MoE layer
+                x, stats = x
+                ctx.moe_stats.append(stats)
             if all_hidden is not None:
                 all_hidden.append(x)
         return x, all_hidden
@@ -718,13 +880,32 @@ def _backend_for_attn_implementation(impl: str) -> str:
     return _HF_ATTN_IMPLEMENTATION_TO_BACKEND[impl]
 
 
+@dataclass
+class RopeBertModelOutput(BaseModelOutput):
+    """BaseModelOutput plus, for an MoE model, `aux_loss` (scalar: mean load-balancing loss of the MoE layers times
+    aux_loss_coef, with graph) and `moe_stats` ((n_moe_layers, 4): per MoE layer [aux, min share of token slots
+    per expert, max share, mean router entropy], detached). Both None for a dense model."""
+
+    aux_loss: Optional[torch.FloatTensor] = None
+    moe_stats: Optional[torch.FloatTensor] = None
+
+
 class RopeBertPreTrainedModel(PreTrainedModel):
     config_class = RopeBertConfig
     base_model_prefix = "e5rope"  # released E5-RoPE checkpoints may store weights under `e5rope.`
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
-    _no_split_modules = ["RopeBertLayer"]
+    _no_split_modules = ["RopeBertLayer", "RopeBertMoELayer"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, RopeBertExperts):  # stacked expert weights: as nn.Linear layers would be
+            std = self.config.initializer_range
+            nn.init.normal_(module.intermediate_weight, mean=0.0, std=std)
+            nn.init.normal_(module.output_weight, mean=0.0, std=std)
+            nn.init.zeros_(module.intermediate_bias)
+            nn.init.zeros_(module.output_bias)
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
         # activation checkpointing per layer (non-reentrant, RNG state preserved so dropout masks replay)
@@ -871,6 +1052,16 @@ class RopeBertModel(RopeBertPreTrainedModel):
         x, all_hidden = self.encoder(x, ctx, backend, output_hidden_states)
         return x, all_hidden, ctx, unpad_index, (B, L)
 
+    def _moe_outputs(self, ctx: AttentionContext) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(aux_loss, moe_stats) of one forward: the load-balancing loss averaged over the MoE layers times
+        aux_loss_coef (scalar, with graph), and per MoE layer [aux, min share, max share, router entropy]
+        (n_moe_layers, 4), detached. (None, None) for a dense model."""
+        if not ctx.moe_stats:
+            return None, None
+        stats = torch.stack(ctx.moe_stats)  # (n_moe_layers, 4)
+        aux = stats[:, 0].mean() * float(self.config.moe["aux_loss_coef"])
+        return aux, stats.detach()
+
     @staticmethod
     def _repad(x: torch.Tensor, unpad_index: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
         B, L = shape
@@ -898,7 +1089,9 @@ class RopeBertModel(RopeBertPreTrainedModel):
             x = self._repad(x, unpad_index, shape)
             if all_hidden is not None:
                 all_hidden = [self._repad(h, unpad_index, shape) for h in all_hidden]
-        out = BaseModelOutput(last_hidden_state=x, hidden_states=tuple(all_hidden) if all_hidden is not None else None)
+        aux_loss, moe_stats = self._moe_outputs(ctx)
+        out = RopeBertModelOutput(last_hidden_state=x, hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+                                  aux_loss=aux_loss, moe_stats=moe_stats)
         return out if return_dict is not False else out.to_tuple()
 
     def embed(
@@ -908,11 +1101,19 @@ class RopeBertModel(RopeBertPreTrainedModel):
         token_type_ids: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
         normalize: bool = True,
-    ) -> torch.Tensor:
+        output_moe: bool = False,
+    ):
         """Pooled embeddings (B, E) fp32: masked mean, cut to the first E = config.output_dim channels (the
         Matryoshka embedding_dim; all hidden_size channels when unset), + L2 norm. Pools packed tokens directly,
-        no re-pad."""
+        no re-pad. output_moe: return (embeddings, aux_loss, moe_stats) instead (see forward's output; None,
+        None for a dense model)."""
         x, _, ctx, unpad_index, _ = self._run(input_ids, attention_mask, token_type_ids, position_ids, False)
+        if output_moe:
+            emb = self._pool(x, ctx, unpad_index, input_ids, attention_mask, normalize)
+            return (emb, *self._moe_outputs(ctx))
+        return self._pool(x, ctx, unpad_index, input_ids, attention_mask, normalize)
+
+    def _pool(self, x, ctx, unpad_index, input_ids, attention_mask, normalize: bool) -> torch.Tensor:
         if unpad_index is not None:
             emb = packed_mean_pool(x, ctx.seqlens, normalize=False)  # (B, C)
         else:

@@ -20,9 +20,11 @@ from typing import Callable, Optional
 
 from ropebert.errors import InputError, UserError
 
+from ..configuration_ropebert import RopeBertConfig
 from ..modeling_ropebert import RopeBertModel
 from .checkpoint import load_training_checkpoint
 from .convert import from_bert
+from .moe import check_moe_weights, safetensors_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +113,7 @@ def load_source(src: str) -> RopeBertModel:
         if is_ape_bert(cfg):
             logger.info("%s is an APE BERT; converting it to RoPE BERT (position table dropped)", src)
             return from_bert(str(p))
+        check_moe_weights(src, RopeBertConfig.from_pretrained(str(p)), safetensors_shapes(p))
         model, info = RopeBertModel.from_pretrained(str(p), output_loading_info=True)
     except ValueError as e:  # a config value the model refuses: name the file
         if isinstance(e, InputError):

@@ -23,6 +23,7 @@ from ropebert.errors import InputError
 
 from ..configuration_ropebert import RopeBertConfig
 from ..modeling_ropebert import RopeBertModel
+from .moe import check_moe_weights
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_KEY = "ropebert"
@@ -66,6 +67,7 @@ def load_training_checkpoint(path: str | os.PathLike, map_location="cpu") -> Rop
     config = RopeBertConfig(**meta["config"])
     prefix = meta.get("model_prefix", "model.")
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    check_moe_weights(path, config, {k: tuple(v.shape) for k, v in state.items()})
     model = RopeBertModel(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -39,6 +39,7 @@ from ropebert.shards.datamodule import ShardDataModule
 
 from .gradcache import allreduce_gradients, contrastive_step, split_batch
 from .loss import contrastive_loss, dist_info, hidden_alignment, layered_contrastive_loss
+from .moe import MoEAux
 from .teacher import Teacher, student_hidden
 
 logger = logging.getLogger(__name__)
@@ -302,6 +303,8 @@ class RopeBertContrastive(L.LightningModule):
         cfg.matryoshka_dims = None if self._matryoshka is None else list(self._matryoshka[0])
         cfg.matryoshka_layers = None if self._layers is None else list(self._layers)
         self.model.set_attn_backend(attn_backend)
+        # a mixture-of-experts init (e.g. `ropebert upcycle`): its load-balancing loss joins the training loss
+        object.__setattr__(self, "_moe", MoEAux(self.model))
         try:
             tok = self.model.tokenizer
         except ValueError:
@@ -516,8 +519,14 @@ class RopeBertContrastive(L.LightningModule):
         t0 = time.perf_counter()
         n_texts = sum(int(g["input_ids"].shape[0]) for g in groups.values())
         teacher_embs = self._teacher_embeddings(groups)
-        res = contrastive_step(self._embed_fn(n_texts), groups, self._loss_fn(batch, teacher_embs),
+        cached = hp.gradcache_chunk is not None and any(g["input_ids"].shape[0] > hp.gradcache_chunk
+                                                        for g in groups.values())  # contrastive_step's own test
+        self._moe.begin_step()
+        res = contrastive_step(self._moe.wrap_embed(self._embed_fn(n_texts), cached), groups,
+                               self._moe.wrap_loss(self._loss_fn(batch, teacher_embs)),
                                chunk_size=hp.gradcache_chunk, backward=self.manual_backward)
+        if res.finite:
+            self._moe.check_replay()
         params = [p for p in self.parameters() if p.requires_grad]
         finite = res.finite
         grad_norm = torch.tensor(float("nan"))
@@ -577,8 +586,9 @@ class RopeBertContrastive(L.LightningModule):
             if world > 1:
                 torch.distributed.all_reduce(fn_count)
             log["train/false_negatives_masked"] = fn_count[0].cpu()
-        if "aux" in stats and hp.teacher_hidden_weight:
-            log["train/teacher_hidden"] = (stats["aux"] / hp.teacher_hidden_weight).float()
+        if "aux" in stats and hp.teacher_hidden_weight:  # (the GradCache aux sum holds the MoE shares too)
+            log["train/teacher_hidden"] = ((stats["aux"] - self._moe.replay_aux) / hp.teacher_hidden_weight).float()
+        log.update({k: v.float() for k, v in self._moe.summary().items()})
         self.log_dict(log, on_step=True, on_epoch=False, prog_bar=False, batch_size=B, sync_dist=False)
         self.log("loss", res.loss.float(), prog_bar=True, on_step=True, batch_size=B, logger=False)
         if self.nonfinite_in_row >= hp.max_nonfinite:

@@ -1,0 +1,152 @@
+# Copyright ropebert contributors. Apache-2.0.
+"""The load-balancing loss of a mixture-of-experts student, exact under GradCache.
+
+The Switch loss of one MoE layer over the step's T real tokens (every group: queries, passages, negatives) is
+
+    aux_l = E * sum_e f_e * P_e,   f_e = (slots routed to e) / (T k)  (no gradient: it comes from top-k),
+                                   P_e = (1 / T) sum_t p_te           (the router probabilities, with gradient)
+
+and the step adds coef * mean_l aux_l (coef = config.moe.aux_loss_coef). With f fixed, aux_l is a sum of per-token
+terms, so it splits exactly over GradCache chunks: the graph-less pass 1 counts the routed slots of every chunk
+(f and T of the whole step), and each chunk's replay adds its own share E * sum_e f_e * (sum over its tokens of
+p_te) / T, backpropagated through the router inside the chunk. Without GradCache the same total is added to the
+loss once every group is embedded. Both give the same loss and gradients (tests/pipelines/train/test_moe_train.py);
+routing is deterministic, so the replay routes exactly as pass 1 did (checked: a mismatch is an error).
+
+Routing is observed with forward hooks on the model's MoE blocks (they recompute the router's probabilities from
+the block input, a (T, C) x (C, E) product): the model itself is not changed, whatever embed function runs it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ropebert.model.modeling_ropebert import RopeBertMoE
+
+
+class MoEAux:
+    """Step-level load-balancing loss and routing stats of `model`'s MoE layers (inactive for a dense model)."""
+
+    def __init__(self, model: torch.nn.Module):
+        moe = getattr(model.config, "moe", None)
+        self.blocks = [m for m in model.modules() if isinstance(m, RopeBertMoE)]
+        self.active = moe is not None and bool(self.blocks)
+        self.coef = float(moe["aux_loss_coef"]) if self.active else 0.0
+        self.layers = list(model.config.moe_layers) if self.active else []
+        self._collect: Optional[list] = None
+        for j, m in enumerate(self.blocks):
+            m.register_forward_hook(self._hook(j))
+        self.begin_step()
+
+    def _hook(self, j: int):
+        def hook(module: RopeBertMoE, args, output):
+            if self._collect is None and not torch.is_grad_enabled():
+                return
+            x, mask = args[0], (args[1] if len(args) > 1 else None)
+            flat = x.reshape(-1, x.shape[-1]) if mask is None else x[mask]  # (T, C)
+            probs, _, index = module.route(flat)  # (T, E), (T, k)
+            counts = torch.bincount(index.reshape(-1), minlength=module.num_experts).to(torch.float32)  # (E,)
+            ent = -(probs * probs.clamp_min(1e-30).log()).sum()
+            if self._collect is None:
+                # an activation-checkpointing recompute (already counted): computed all the same, so that it
+                # saves the tensors the original forward saved
+                return
+            self._collect.append((j, counts, probs.sum(dim=0), ent.detach(), flat.shape[0]))
+        return hook
+
+    def begin_step(self) -> None:
+        n, E = len(self.blocks), (self.blocks[0].num_experts if self.blocks else 0)
+        self.counts = torch.zeros(n, E)  # pass-1 (or only-pass) routed slots per layer and expert
+        self.replay_counts = torch.zeros(n, E)
+        self.prob_sum = torch.zeros(n, E)  # detached, for the logged values
+        self.entropy_sum = torch.zeros(n)
+        self.tokens = 0
+        self.pending: list = []  # uncached: (prob_sum with graph (n, E)) per embed call
+        self.replay_aux = 0.0
+
+    def _record(self, embed_call: Callable):
+        self._collect = []
+        try:
+            out = embed_call()
+        finally:
+            recs, self._collect = self._collect, None
+        recs.sort(key=lambda r: r[0])
+        counts = torch.stack([r[1].cpu() for r in recs])  # (n, E)
+        prob_sum = torch.stack([r[2] for r in recs])  # (n, E), with graph when grad is enabled
+        ent = torch.stack([r[3].cpu().float() for r in recs])
+        return out, counts, prob_sum, ent, int(recs[0][4]) if recs else 0
+
+    def _aux(self, prob_sum: torch.Tensor) -> torch.Tensor:
+        """coef * mean_l E * sum_e f_le * prob_sum_le / T, with f and T of the whole step."""
+        E = prob_sum.shape[-1]
+        k = self.blocks[0].top_k
+        f = (self.counts / max(1, self.tokens * k)).to(prob_sum.device)
+        return self.coef * (E * (f * prob_sum).sum(dim=-1) / max(1, self.tokens)).mean()
+
+    def wrap_embed(self, embed: Callable, cached: bool) -> Callable:
+        """The embed function with the MoE term: pass 1 (no grad) counts, a cached replay adds its chunk's share,
+        an uncached call keeps its probabilities for wrap_loss."""
+        if not self.active:
+            return embed
+
+        def fn(ids, mask):
+            out, counts, prob_sum, ent, T = self._record(lambda: embed(ids, mask))
+            if not torch.is_grad_enabled():  # GradCache pass 1
+                self.counts += counts
+                self.tokens += T
+                self.entropy_sum += ent
+                return out
+            self.prob_sum += prob_sum.detach().cpu().float()
+            if not cached:
+                self.counts += counts
+                self.tokens += T
+                self.entropy_sum += ent
+                self.pending.append(prob_sum)
+                return out
+            self.replay_counts += counts
+            share = self._aux(prob_sum)
+            self.replay_aux += float(share.detach())
+            emb, aux = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+            return emb, share if aux is None else aux + share
+
+        return fn
+
+    def wrap_loss(self, loss_fn: Callable) -> Callable:
+        """The loss function plus, without GradCache, the step's whole MoE term (every group is embedded by then)."""
+        if not self.active:
+            return loss_fn
+
+        def fn(embs):
+            loss, stats = loss_fn(embs)
+            if self.pending:
+                aux = self._aux(torch.stack(self.pending).sum(dim=0))
+                self.pending = []
+                loss = loss + aux
+                stats = dict(stats, moe_aux=aux.detach())
+            return loss, stats
+
+        return fn
+
+    def check_replay(self) -> None:
+        """After a GradCache step: the replay routed every slot as pass 1 did."""
+        if self.replay_counts.sum() > 0 and not torch.equal(self.replay_counts, self.counts):
+            raise RuntimeError("MoE: the GradCache replay routed tokens differently from pass 1 (routing must be "
+                               "deterministic given the replayed RNG state)")
+
+    def summary(self) -> dict[str, torch.Tensor]:
+        """The step's values to log: train/moe_aux, and per MoE layer aux, min / max token share, router entropy."""
+        if not self.active or self.tokens == 0:
+            return {}
+        E = self.counts.shape[-1]
+        k = self.blocks[0].top_k
+        f = self.counts / (self.tokens * k)  # (n, E)
+        per_layer = E * (f * self.prob_sum / self.tokens).sum(dim=-1)  # (n,)
+        out = {"train/moe_aux": self.coef * per_layer.mean()}
+        for j, layer in enumerate(self.layers):
+            out[f"train/moe/layer{layer}/aux"] = per_layer[j]
+            out[f"train/moe/layer{layer}/min_share"] = f[j].min()
+            out[f"train/moe/layer{layer}/max_share"] = f[j].max()
+            out[f"train/moe/layer{layer}/entropy"] = self.entropy_sum[j] / self.tokens
+        return out

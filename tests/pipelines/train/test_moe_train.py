@@ -1,0 +1,109 @@
+"""MoE load-balancing loss in training: GradCache step == uncached step (loss, every gradient, aux included),
+the replay routes as pass 1 did, and the step's term is the model's Switch loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ropebert.model import RopeBertModel
+from ropebert.pipelines.train.gradcache import contrastive_step
+from ropebert.pipelines.train.moe import MoEAux
+from tests.conftest import padded_batch, tiny_config
+from tests.pipelines.train.test_gradcache import _groups, _loss_fn
+
+MOE = {"num_experts": 4, "top_k": 2, "aux_loss_coef": 0.3}
+
+
+def _moe_model(dropout=0.0):
+    torch.manual_seed(0)
+    cfg = tiny_config(num_hidden_layers=4, moe=MOE, hidden_dropout_prob=dropout)
+    return RopeBertModel(cfg).train()
+
+
+def _step(model, chunk, seed=0):
+    aux = MoEAux(model)
+    torch.manual_seed(seed)
+    res = contrastive_step(aux.wrap_embed(model.embed, cached=chunk is not None), _groups(), aux.wrap_loss(_loss_fn),
+                           chunk_size=chunk)
+    aux.check_replay()
+    return res, aux, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradcache_step_equals_uncached_step_with_the_aux_loss():
+    r0, a0, g0 = _step(_moe_model(), None)
+    r1, a1, g1 = _step(_moe_model(), 2)
+    s0, s1 = a0.summary(), a1.summary()
+    assert set(s0) == set(s1) and "train/moe/layer3/entropy" in s0
+    for k in s0:
+        torch.testing.assert_close(s1[k], s0[k], rtol=1e-5, atol=1e-6, msg=k)
+    moe_aux = s0["train/moe_aux"]
+    assert 0.3 <= moe_aux.item() <= 0.3 * 4  # coef * [1 (balanced), E (collapsed)]
+    torch.testing.assert_close(r0.stats["moe_aux"], moe_aux, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(r1.stats["aux"], moe_aux, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(r1.loss, r0.loss, rtol=1e-6, atol=1e-6)
+    assert set(g0) == set(g1) and len(g0) == len(list(_moe_model().parameters()))
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6, msg=k)
+    # the aux term backpropagates through the router: without it the router gradient differs
+    plain = _moe_model()
+    torch.manual_seed(0)
+    contrastive_step(plain.embed, _groups(), _loss_fn, chunk_size=None)
+    w = "encoder.layer.1.moe.router.weight"
+    assert (plain.get_parameter(w).grad - g0[w]).abs().max() > 1e-6
+
+
+def test_replay_routes_exactly_as_pass_one_with_dropout():
+    _, aux, _ = _step(_moe_model(dropout=0.1), 2)
+    assert aux.replay_counts.sum() > 0 and torch.equal(aux.replay_counts, aux.counts)
+    n_tokens = sum(int(g["attention_mask"].sum()) for g in _groups().values())
+    assert aux.tokens == n_tokens and torch.all(aux.counts.sum(-1) == 2 * n_tokens)
+
+
+def test_step_term_of_one_forward_is_the_models_aux_loss():
+    model = _moe_model()
+    ids, mask = padded_batch([5, 9, 12, 4])
+    aux = MoEAux(model)
+    emb = aux.wrap_embed(model.embed, cached=False)(ids, mask)
+    loss, stats = aux.wrap_loss(lambda e: (e["x"].sum() * 0, {}))({"x": emb})
+    ref = model.embed(ids, mask, output_moe=True)[1]
+    torch.testing.assert_close(stats["moe_aux"], ref.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_dense_model_is_untouched():
+    torch.manual_seed(0)
+    m = RopeBertModel(tiny_config()).train()
+    aux = MoEAux(m)
+    assert not aux.active and aux.wrap_embed(m.embed, cached=True) == m.embed and aux.summary() == {}
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_activation_checkpointing_recompute_is_not_counted_twice(chunk):
+    model = _moe_model()
+    model.gradient_checkpointing_enable()
+    _, aux, _ = _step(model, chunk)
+    n_tokens = sum(int(g["attention_mask"].sum()) for g in _groups().values())
+    assert aux.tokens == n_tokens
+
+
+def test_fit_an_upcycled_model_logs_the_moe_terms_and_checkpoints_it(tiny_bert_dir, pair_shards, tmp_path):
+    from ropebert.model.export import export_model
+    from ropebert.model.load import load_source
+    from ropebert.model.upcycle import upcycle
+    from ropebert.pipelines.train.fit import cli_main
+    from tests.pipelines.train.test_train import _base_args
+
+    src = load_source(str(tiny_bert_dir))
+    init = export_model(upcycle(src, num_experts=4, top_k=2, every_n_layers=2), tmp_path / "moe-init")
+    cli = cli_main(_base_args(init, pair_shards, tiny_bert_dir, tmp_path / "run", steps=3))
+    assert cli.trainer.global_step == 3
+    m = cli.trainer.callback_metrics
+    layers = cli.model.model.config.moe_layers
+    assert layers and 1.0 <= float(m["train/moe_aux"]) <= 4.0
+    for i in layers:
+        assert 0.0 <= float(m[f"train/moe/layer{i}/min_share"]) <= 0.25 <= float(m[f"train/moe/layer{i}/max_share"])
+        assert 0.0 < float(m[f"train/moe/layer{i}/entropy"]) <= float(torch.log(torch.tensor(4.0))) + 1e-6
+    before = load_source(str(init)).encoder.layer[layers[0]].moe.router.weight
+    after = load_source(str(tmp_path / "run" / "ckpt" / "last.ckpt")).encoder.layer[layers[0]].moe.router.weight
+    assert (after - before).abs().max() > 1e-5
