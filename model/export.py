@@ -27,7 +27,7 @@ from ropebert.io import OutputDir
 from .configuration_ropebert import RopeBertConfig
 from .load import from_bert, is_ape_bert, load_source, read_config
 from .modeling_ropebert import RopeBertModel
-from .verify import verify_export
+from .verify import verify_and_describe
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +267,5 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"exported {type(model).__name__} ({n / 1e6:.1f}M parameters, {model.config.num_hidden_layers} layers, "
           f"{model.config.output_dim}-dim embeddings, rope_theta={model.config.rope_theta}) to {out}")
     if args.verify:
-        rep = verify_export(out)
-        print("verified: fresh-process reload without ropebert, max |diff| "
-              + ", ".join(f"{k} {v:.2e}" for k, v in rep["max_abs_diff"].items()) + f" (<= {rep['tol']:g})")
+        print(verify_and_describe(out))
     return 0

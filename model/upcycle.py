@@ -102,7 +102,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="reload OUT with plain transformers + sentence-transformers in a fresh process and compare")
     args = ap.parse_args(argv)
     from .export import export_model
-    from .verify import verify_export
+    from .verify import verify_and_describe
 
     src = load_source(args.src)
     if args.tokenizer:
@@ -124,7 +124,5 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"upcycled {args.src}: {args.experts} experts, top-{args.top_k}, MoE layers {model.config.moe_layers}, "
           f"{total / 1e6:.1f}M parameters ({active / 1e6:.1f}M active per token) -> {out}")
     if args.verify:
-        rep = verify_export(out)
-        print("verified: fresh-process reload without ropebert, max |diff| "
-              + ", ".join(f"{k} {v:.2e}" for k, v in rep["max_abs_diff"].items()) + f" (<= {rep['tol']:g})")
+        print(verify_and_describe(out))
     return 0

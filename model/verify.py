@@ -62,3 +62,10 @@ def verify_export(model_dir: str | os.PathLike, texts: Optional[Sequence[str]] =
         raise UserError(f"{model_dir}: the exported model disagrees with ropebert after a fresh reload: "
                         f"max |diff| {bad} > {tol}")
     return report
+
+
+def verify_and_describe(model_dir) -> str:
+    """`verify_export(model_dir)` as the one line `ropebert export/upcycle --verify` print."""
+    rep = verify_export(model_dir)
+    return ("verified: fresh-process reload without ropebert, max |diff| "
+            + ", ".join(f"{k} {v:.2e}" for k, v in rep["max_abs_diff"].items()) + f" (<= {rep['tol']:g})")

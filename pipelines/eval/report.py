@@ -108,12 +108,7 @@ def retrieval_bar_chart(results: Sequence[dict], path, title: str = "",
     ax.set_ylabel("score")
     ax.set_title(title or "retrieval", fontsize=10)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=1, frameon=False)
-    fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    return p
+    return _save(fig, path)
 
 
 def ndcg_bytes_chart(results: Sequence[dict], path, title: str = "", metric: str = "ndcg@10") -> Path:
@@ -151,6 +146,13 @@ def ndcg_bytes_chart(results: Sequence[dict], path, title: str = "", metric: str
     ax.set_title(title or f"{metric} against bytes per vector", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
+    return _save(fig, path)
+
+
+def _save(fig, path) -> Path:
+    """Lay out, write (parent folders made) and close a figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
