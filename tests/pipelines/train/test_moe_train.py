@@ -107,3 +107,94 @@ def test_fit_an_upcycled_model_logs_the_moe_terms_and_checkpoints_it(tiny_bert_d
     before = load_source(str(init)).encoder.layer[layers[0]].moe.router.weight
     after = load_source(str(tmp_path / "run" / "ckpt" / "last.ckpt")).encoder.layer[layers[0]].moe.router.weight
     assert (after - before).abs().max() > 1e-5
+
+
+# -- model.moe: upcycle a dense init when the module is built, or check an MoE init's block --------------------
+
+
+def test_model_moe_through_the_cli_upcycles_a_dense_init(tiny_bert_dir, pair_shards):
+    from ropebert.model.upcycle import upcycle
+    from ropebert.pipelines.train.fit import cli_main
+    from ropebert.pipelines.train.module import load_init_model
+
+    cli = cli_main(["--model.init_from", str(tiny_bert_dir), "--model.moe.num_experts", "4", "--model.moe.top_k", "2",
+                    "--model.moe.aux_loss_coef", "0.5", "--model.seed", "3", "--data.train_dir", str(pair_shards),
+                    "--trainer.logger", "false"], run=False)
+    module = cli.model
+    want = {"num_experts": 4, "top_k": 2, "every_n_layers": 2, "normalize_weights": False, "aux_loss_coef": 0.5}
+    assert module.hparams.moe == want and module.model.config.moe == want and module.model.config.moe_layers == [1]
+    assert module.model.training and module._moe.active and module._moe.coef == 0.5
+    dense = load_init_model(str(tiny_bert_dir))
+    moe = module.model.encoder.layer[1].moe.experts
+    d1 = dense.encoder.layer[1]
+    for e in range(4):
+        assert torch.equal(moe.intermediate_weight[e], d1.intermediate.dense.weight)
+        assert torch.equal(moe.intermediate_bias[e], d1.intermediate.dense.bias)
+        assert torch.equal(moe.output_weight[e], d1.output.dense.weight)
+        assert torch.equal(moe.output_bias[e], d1.output.dense.bias)
+    assert torch.equal(module.model.encoder.layer[0].intermediate.dense.weight, dense.encoder.layer[0].intermediate.dense.weight)
+    # the router is `ropebert upcycle --seed 3`'s
+    ref = upcycle(dense, num_experts=4, top_k=2, aux_loss_coef=0.5, seed=3)
+    router = module.model.encoder.layer[1].moe.router.weight
+    assert torch.equal(router, ref.encoder.layer[1].moe.router.weight) and 0 < router.abs().max() < 1e-2
+    names = {n for n, _ in module.named_parameters()}
+    assert "model.encoder.layer.1.moe.router.weight" in names and "model.encoder.layer.1.intermediate.dense.weight" not in names
+
+
+def test_model_moe_over_an_moe_init_must_match_its_block(tiny_bert_dir, tmp_path):
+    from ropebert.errors import InputError
+    from ropebert.model.export import export_model
+    from ropebert.model.load import load_source
+    from ropebert.model.upcycle import upcycle
+    from ropebert.pipelines.train.module import RopeBertContrastive
+
+    init = export_model(upcycle(load_source(str(tiny_bert_dir)), num_experts=4, top_k=2, seed=1), tmp_path / "moe")
+    same = RopeBertContrastive(init_from=str(init), moe={"num_experts": 4, "top_k": 2})
+    plain = RopeBertContrastive(init_from=str(init))
+    for (n, a), (_, b) in zip(same.model.named_parameters(), plain.model.named_parameters()):
+        assert torch.equal(a, b), n  # the init's experts and router, not a fresh upcycle
+    with pytest.raises(InputError, match=r"model.moe \{'num_experts': 8.*'top_k': 2.*\(its config's moe: "
+                                         r"\{'num_experts': 4"):
+        RopeBertContrastive(init_from=str(init), moe={"num_experts": 8})
+
+
+@pytest.mark.parametrize("moe, match", [
+    ({"top_k": 9}, r"model.moe.top_k=9 exceeds model.moe.num_experts=8"),
+    ({"num_experts": 0}, r"model.moe.num_experts must be an integer >= 1, got 0"),
+    ({"every_n_layers": 0}, r"model.moe.every_n_layers must be an integer >= 1"),
+    ({"experts": 4}, r"unknown keys \['experts'\]"),
+    ({"aux_loss_coef": -1.0}, r"aux_loss_coef must be a finite number >= 0"),
+    ("8", r"model.moe must be null or a mapping"),
+])
+def test_bad_model_moe_is_a_clear_error(moe, match):
+    from ropebert.errors import InputError
+    from ropebert.pipelines.train.moe import moe_settings
+
+    with pytest.raises(InputError, match=match):
+        moe_settings(moe)
+
+
+def test_model_moe_that_puts_no_moe_layer_in_the_init_is_a_clear_error(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from ropebert.errors import InputError
+    from ropebert.pipelines.train.module import RopeBertContrastive
+
+    torch.manual_seed(0)  # one layer: layer 0 is never MoE with every_n_layers 2
+    BertModel(BertConfig(vocab_size=101, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(str(tmp_path / "one"))
+    with pytest.raises(InputError, match=r"model.moe .* over model.init_from .*every_n_layers=2 puts no MoE layer in 1"):
+        RopeBertContrastive(init_from=str(tmp_path / "one"), moe={"num_experts": 2})
+
+
+def test_resume_with_another_moe_than_the_checkpoints_is_refused(tiny_bert_dir):
+    from ropebert.errors import InputError
+    from ropebert.model.load.checkpoint import CHECKPOINT_KEY, checkpoint_payload
+    from ropebert.pipelines.train.module import RopeBertContrastive
+
+    dense = RopeBertContrastive(init_from=str(tiny_bert_dir))
+    ckpt = {CHECKPOINT_KEY: checkpoint_payload(dense.model, {})}
+    dense.on_load_checkpoint(ckpt)  # the same model: accepted
+    moe = RopeBertContrastive(init_from=str(tiny_bert_dir), moe={"num_experts": 2, "top_k": 1})
+    with pytest.raises(InputError, match=r"resume: the checkpoint's model has moe=None, this run's moe=\{'num_experts': 2"):
+        moe.on_load_checkpoint(ckpt)
