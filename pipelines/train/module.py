@@ -249,7 +249,9 @@ class RopeBertContrastive(L.LightningModule):
                 the same model, then loads the checkpoint's weights). Over an MoE init (an upcycled directory or
                 an MoE run's .ckpt) it must equal the init's moe block, or it is an error naming both. None: the
                 init trains as it is (an MoE init keeps its experts). The load-balancing loss of an MoE model
-                joins the training loss (pipelines/train/moe.py).
+                joins the training loss (pipelines/train/moe.py); with several ranks each rank adds the term
+                of its own tokens and the gradients are averaged: the step trains the global InfoNCE plus the
+                mean over ranks of the per-rank MoE terms.
             hidden_dropout: override hidden_dropout_prob (None: keep the checkpoint's).
             attention_dropout: override attention_probs_dropout_prob (None: keep the checkpoint's).
             activation_checkpointing: recompute each layer in backward (non-reentrant, RNG preserved).

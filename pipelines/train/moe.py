@@ -13,6 +13,17 @@ p_te) / T, backpropagated through the router inside the chunk. Without GradCache
 loss once every group is embedded. Both give the same loss and gradients (tests/pipelines/train/test_moe_train.py);
 routing is deterministic, so the replay routes exactly as pass 1 did (checked: a mismatch is an error).
 
+Data parallel (W ranks, `ropebert_ddp`): the term is per rank. Rank r computes aux_r from its own tokens only (its
+own f_e, P_e and T; nothing of the routing is all-reduced) and adds it to its local loss; the one gradient
+all-reduce then averages, so a W-rank step computes the gradient of
+
+    mean_r InfoNCE_r + coef * mean_r mean_l aux_{l,r}  =  InfoNCE(global batch) + mean_r (rank r's MoE term)
+
+-- the mean of the ranks' Switch losses, not the Switch loss of the global batch (a product of means is not the
+mean of the products). A single process reproduces a W-rank step exactly by adding the mean of the MoE terms of
+the W row slices to the whole batch's loss (tests/pipelines/train/test_moe_train.py, 2 gloo ranks == 1 process).
+The logged train/loss, train/moe_aux and per-layer stats are rank 0's own.
+
 Routing is observed with forward hooks on the model's MoE blocks (they recompute the router's probabilities from
 the block input, a (T, C) x (C, E) product): the model itself is not changed, whatever embed function runs it.
 """

@@ -198,3 +198,110 @@ def test_resume_with_another_moe_than_the_checkpoints_is_refused(tiny_bert_dir):
     moe = RopeBertContrastive(init_from=str(tiny_bert_dir), moe={"num_experts": 2, "top_k": 1})
     with pytest.raises(InputError, match=r"resume: the checkpoint's model has moe=None, this run's moe=\{'num_experts': 2"):
         moe.on_load_checkpoint(ckpt)
+
+
+# -- 2 gloo ranks == 1 process with MoE: loss, every parameter gradient, the per-rank aux ------------------------
+
+DIST_SCENARIOS = [(0, None), (0, 3), (3, 2)]  # (hard negatives per query, GradCache chunk)
+
+
+def _dist_groups(rows, K):
+    from tests.pipelines.train.test_loss import _scenario_inputs
+
+    q, p, n = _scenario_inputs(K)
+    sel = lambda b, r: {"input_ids": b[0][r], "attention_mask": b[1][r]}  # noqa: E731
+    groups = {"query": sel(q, rows), "passage": sel(p, rows)}
+    if K:
+        groups["negatives"] = sel(n, torch.cat([torch.arange(i * K, (i + 1) * K) for i in rows.tolist()]))
+    return groups
+
+
+def _dist_loss_fn(B, K, gather):
+    from ropebert.pipelines.train.loss import contrastive_loss
+
+    def fn(embs):
+        neg = embs["negatives"].view(B, K, -1) if K else None
+        return contrastive_loss(embs["query"], embs["passage"], neg, temperature=0.05, gather=gather,
+                                return_stats=True)
+    return fn
+
+
+def _rank_step(model, rows, K, chunk):
+    """One rank's training step (the module's composition): returns (loss, the rank's MoE term)."""
+    groups = _dist_groups(rows, K)
+    aux = MoEAux(model)
+    cached = chunk is not None and any(g["input_ids"].shape[0] > chunk for g in groups.values())
+    res = contrastive_step(aux.wrap_embed(model.embed, cached), groups,
+                           aux.wrap_loss(_dist_loss_fn(len(rows), K, gather=True)), chunk_size=chunk)
+    aux.check_replay()
+    return res.loss.detach(), aux.summary()["train/moe_aux"]
+
+
+def _moe_dist_worker(rank, world, port, out_dir):
+    torch.set_num_threads(1)  # forked: no OpenMP pool inherited from the parent (GNU OpenMP is not fork-safe)
+    import os
+
+    import torch.distributed as dist
+
+    from ropebert.pipelines.train.gradcache import allreduce_gradients
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    results = []
+    for K, chunk in DIST_SCENARIOS:
+        model = _moe_model()
+        loss, aux = _rank_step(model, torch.arange(rank * 4, (rank + 1) * 4), K, chunk)
+        assert allreduce_gradients(model.parameters()) == 1
+        both = torch.stack([loss, aux.to(loss.dtype)]).clone()
+        dist.all_reduce(both)
+        results.append({"loss": (both[0] / world).item(), "aux": (both[1] / world).item(), "own_aux": aux.item(),
+                        "grads": {k: p.grad.clone() for k, p in model.named_parameters()}})
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _one_process_reference(K):
+    """What the 2-rank step computes, in one process: the whole batch's InfoNCE (8 queries against every passage)
+    plus the mean of the MoE terms of the two row slices (each one's Switch loss over its own tokens)."""
+    model = _moe_model()
+    res = contrastive_step(model.embed, _dist_groups(torch.arange(8), K), _dist_loss_fn(8, K, gather=False),
+                           chunk_size=None)  # backward inside
+    aux = MoEAux(model)
+    terms = []
+    for r in range(2):
+        aux.begin_step()
+        embed = aux.wrap_embed(model.embed, cached=False)
+        embs = {k: embed(g["input_ids"], g["attention_mask"]) for k, g in _dist_groups(torch.arange(4 * r, 4 * r + 4), K).items()}
+        term, stats = aux.wrap_loss(lambda e: (sum(v.sum() for v in e.values()) * 0, {}))(embs)
+        (term / 2).backward()
+        terms.append(stats["moe_aux"])
+    whole = MoEAux(model)  # the global batch's Switch loss, for contrast
+    embed = whole.wrap_embed(model.embed, cached=False)
+    for g in _dist_groups(torch.arange(8), K).values():
+        embed(g["input_ids"], g["attention_mask"])  # (with grad: a graph-less call would be a GradCache pass 1)
+    return model, res.loss.detach(), terms, whole.summary()["train/moe_aux"]
+
+
+def test_two_gloo_ranks_equal_one_process_with_moe(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.pipelines.train.test_loss import _free_port
+
+    mp.start_processes(_moe_dist_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for si, (K, chunk) in enumerate(DIST_SCENARIOS):
+        model, infonce, terms, whole = _one_process_reference(K)
+        aux_mean = (terms[0] + terms[1]) / 2
+        assert 0.3 <= aux_mean.item() <= 0.3 * 4
+        # the per-rank terms are each slice's own Switch loss, and their mean is not the global batch's
+        for r in range(2):
+            assert ranks[r][si]["own_aux"] == pytest.approx(terms[r].item(), rel=2e-6), (si, r)
+        assert abs(aux_mean.item() - whole.item()) > 1e-5  # (the tolerance below is 2e-6 relative)
+        for r in range(2):
+            got = ranks[r][si]
+            assert got["aux"] == pytest.approx(aux_mean.item(), rel=2e-6), (si, r)
+            assert got["loss"] == pytest.approx((infonce + aux_mean).item(), rel=1e-5, abs=1e-6), (si, r)
+            assert set(got["grads"]) == {n for n, _ in model.named_parameters()}
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-4, atol=1e-6,
+                                           msg=lambda m: f"{si} {name}: {m}")
