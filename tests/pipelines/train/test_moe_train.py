@@ -305,3 +305,28 @@ def test_two_gloo_ranks_equal_one_process_with_moe(tmp_path):
             for name, p in model.named_parameters():
                 torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-4, atol=1e-6,
                                            msg=lambda m: f"{si} {name}: {m}")
+
+
+def test_demo_moe_config_is_the_dense_recipe_plus_model_moe(tiny_bert_dir, pair_shards):
+    import yaml
+
+    from ropebert.pipelines.train.fit import cli_main
+    from tests.conftest import REPO
+
+    dense = yaml.safe_load((REPO / "configs/demo/pretrain.yaml").read_text())
+    moe = yaml.safe_load((REPO / "configs/demo/pretrain-moe.yaml").read_text())
+    want = {"num_experts": 8, "top_k": 2, "every_n_layers": 2, "normalize_weights": False, "aux_loss_coef": 1.0}
+    assert moe["model"].pop("moe") == want
+    assert moe["model"].pop("step_log") == "artifacts/logs/demo-pretrain-moe-steps"
+    dense["model"].pop("step_log")
+    assert moe["model"] == dense["model"] and moe["data"] == dense["data"]
+    assert moe["checkpoint"] == {**dense["checkpoint"], "dirpath": "artifacts/ckpt/demo-pretrain-moe"}
+    assert [lg["init_args"]["name"] for lg in moe["trainer"].pop("logger")] == ["demo-pretrain-moe"] * 2
+    dense["trainer"].pop("logger")
+    assert moe["trainer"] == dense["trainer"]
+    # it builds through the CLI (here over the tiny 2-layer BERT: layer 1 becomes 8 experts)
+    cli = cli_main(["--config", str(REPO / "configs/demo/pretrain-moe.yaml"), "--model.init_from", str(tiny_bert_dir),
+                    "--model.teacher", str(tiny_bert_dir), "--data.train_dir", str(pair_shards),
+                    "--trainer.logger", "false"], run=False)
+    assert cli.model.model.config.moe == want and cli.model.model.config.moe_layers == [1]
+    assert cli.model.model.encoder.layer[1].moe.experts.intermediate_weight.shape[0] == 8
