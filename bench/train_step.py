@@ -19,6 +19,14 @@ tokenised batch of real variable-length (query, passage) text, for:
     sequence — with `losses.MultipleNegativesRankingLoss(scale=1/tau)` (cosine x scale, cross-entropy over the
     in-batch passages), the same AdamW, the same clipping.
 
+(c) with --moe, a third row timed in the same alternating loop: the same module built with
+    `moe={"num_experts": 8, "top_k": 2, "every_n_layers": 2}` (`--model.moe.*` of `ropebert fit`), i.e. DIR
+    upcycled when the module is built (layers 1, 3, 5, ...: 8 copies of the dense FFN behind a seeded router,
+    top-2 per token), and the module's step with its MoE load-balancing term (pipelines/train/moe.py), against
+    the dense model (a) it was upcycled from. Each token runs 2 experts, so an MoE layer's FFN does 2x the dense
+    FFN's work; its FLOPs / MFU count the active parameters (the top-2 experts and the router per token). The
+    ratio row gains moe_overhead (MoE step / dense step) and moe_tokens_per_s_ratio.
+
 Identical work: both load the SAME weights from DIR (--shape minilm: the offline all-MiniLM-L6-v2; --shape
 bert-base: one seeded random BERT-base written to a temp dir), the same number of layers / width / heads,
 hidden dropout as in DIR (0.1) and attention dropout 0 on both sides (the packed varlen kernel has no
@@ -59,6 +67,8 @@ baseline tokens/s: same batch).
 Usage:
     .venv/bin/python bench/train_step.py                      # CPU: minilm shape (real MiniLM weights), 32 pairs
     python bench/train_step.py --device cuda --shape bert-base --pairs 256 --dtype bf16   # the GPU target
+    .venv/bin/python bench/train_step.py --moe                # CPU: + the upcycled MoE (8 experts, top-2, every 2)
+    python bench/train_step.py --device cuda --shape bert-base --pairs 256 --dtype bf16 --moe   # the MoE on GPU
 
 Importable: `run(args) -> list[dict]` (args: a Namespace from `build_parser()` or an argv list): one row per
 model plus a "ratio" row.
@@ -99,7 +109,10 @@ DOCSTRING_PACKAGES = ["json", "email", "argparse", "logging", "asyncio", "unitte
 PEAK_BF16_TFLOPS = [("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0)]
 MODELS = ("ropebert", "baseline")
 TEACHER = "ropebert+teacher"
+MOE = "ropebert+moe"
+MOE_SETTING = {"num_experts": 8, "top_k": 2, "every_n_layers": 2}  # Nomic Embed v2's layout
 LABELS = {"ropebert": "ropebert (contrastive_step + contrastive_loss)",
+          MOE: "ropebert MoE, upcycled (8 experts, top-2, every 2nd layer; + load-balancing loss)",
           TEACHER: "ropebert + frozen APE teacher (hidden MSE, pooled, score KL; weights 1)",
           "baseline": "HF BertModel sdpa padded + ST MNRL"}
 
@@ -138,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also time ropebert with the APE source as a frozen teacher (every teacher term on, "
                          "weight 1: token-level hidden MSE in each chunk's replay, pooled 1 - cos, score-row KL), "
                          "in the same alternating loop; the ratio row gains teacher_overhead")
+    ap.add_argument("--moe", action="store_true",
+                    help="also time the upcycled mixture of experts (8 experts, top-2, every 2nd layer; model.moe "
+                         "of ropebert fit) in the same alternating loop; the ratio row gains moe_overhead")
     ap.add_argument("--tokenizer", default=None, metavar="DIR",
                     help="tokenizer with BERT's 30,522-token uncased WordPiece vocabulary, for the batch and the "
                          "bert-base weights (default: the offline all-MiniLM-L6-v2's)")
@@ -259,10 +275,12 @@ def _adamw(named_params, lr=1e-5, weight_decay=0.01):
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr)
 
 
-def build_ropebert(model_dir: str, groups: dict, args, device: torch.device, teacher: bool = False):
+def build_ropebert(model_dir: str, groups: dict, args, device: torch.device, teacher: bool = False,
+                   moe: bool = False):
     """The module's own step (training_step without Lightning): teacher embeddings chunk by chunk without a
     graph, then contrastive_step with the module's embed function (the token-level hidden term inside each
-    chunk's replay) and loss function."""
+    chunk's replay) and loss function, both wrapped by the MoE load-balancing term (a no-op for a dense model).
+    moe: the module built with model.moe = MOE_SETTING (DIR upcycled)."""
     from ropebert.pipelines.train.gradcache import allreduce_gradients, contrastive_step
     from ropebert.pipelines.train.module import RopeBertContrastive
 
@@ -270,7 +288,8 @@ def build_ropebert(model_dir: str, groups: dict, args, device: torch.device, tea
               teacher_score_weight=1.0) if teacher else {}
     mod = RopeBertContrastive(init_from=model_dir, stage="pretrain", temperature=args.temperature,
                               gradcache_chunk=args.chunk, attn_backend=args.backend, attention_dropout=0.0,
-                              grad_clip=1.0, compile=args.compile, seed=args.seed, **kw)
+                              grad_clip=1.0, compile=args.compile, seed=args.seed,
+                              moe=dict(MOE_SETTING) if moe else None, **kw)
     mod.configure_model()
     mod = mod.to(device).train()
     opt = _adamw(mod.named_parameters())
@@ -284,9 +303,12 @@ def build_ropebert(model_dir: str, groups: dict, args, device: torch.device, tea
     def step() -> float:
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
             teacher_embs = mod._teacher_embeddings(feats)
-            res = contrastive_step(mod._embed_fn(n_texts), feats, mod._loss_fn({}, teacher_embs),
-                                   chunk_size=args.chunk)
+            mod._moe.begin_step()
+            cached = args.chunk is not None and any(g["input_ids"].shape[0] > args.chunk for g in feats.values())
+            res = contrastive_step(mod._moe.wrap_embed(mod._embed_fn(n_texts), cached), feats,
+                                   mod._moe.wrap_loss(mod._loss_fn({}, teacher_embs)), chunk_size=args.chunk)
         if res.finite:
+            mod._moe.check_replay()
             allreduce_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -338,6 +360,17 @@ def param_counts(model) -> dict:
     return {"total": total, "encoder_layers": layers, "position_table": pos, "pooler": pooler}
 
 
+def active_layer_params(model) -> int:
+    """Encoder-layer parameters one token runs through: every dense parameter, the router, and top_k of each MoE
+    layer's num_experts experts."""
+    layers = param_counts(model)["encoder_layers"]
+    moe = getattr(model.config, "moe", None)
+    if moe is None:
+        return layers
+    per_expert = sum(p[0].numel() for n, p in model.named_parameters() if ".moe.experts." in n)
+    return layers - per_expert * (int(moe["num_experts"]) - int(moe["top_k"]))
+
+
 def step_flops(n_layer_params: int, n_layers: int, width: int, lengths: list[int]) -> float:
     """Useful training FLOPs of one step on real tokens: 3 x sum_i (2 N n_i + 4 L C n_i^2)."""
     return 3.0 * float(sum(2 * n_layer_params * n + 4 * n_layers * width * n * n for n in lengths))
@@ -366,7 +399,8 @@ def _mem_worker(payload: str, json_path: str) -> None:
 
     groups = {k: {n: t.to(device) for n, t in g.items()} for k, g in torch.load(cfg["batch"]).items()}
     build = {"ropebert": build_ropebert, "baseline": build_baseline,
-             TEACHER: lambda *a: build_ropebert(*a, teacher=True)}[cfg["model"]]
+             TEACHER: lambda *a: build_ropebert(*a, teacher=True),
+             MOE: lambda *a: build_ropebert(*a, moe=True)}[cfg["model"]]
     row = {"model": cfg["model"]}
     gpu = device.type == "cuda"
     mem = PeakMemory(device)
@@ -435,10 +469,16 @@ def run(args: Union[argparse.Namespace, Sequence[str], None] = None, *, log=None
         torch.manual_seed(args.seed)
         rb_mod, rb_step = build_ropebert(model_dir, groups, args, device)
         bl_mod, bl_step = build_baseline(model_dir, groups, args, device)
-        models = MODELS + ((TEACHER,) if args.teacher else ())
+        counts = {"ropebert": param_counts(rb_mod.model), "baseline": param_counts(bl_mod[0].model)}
+        models = MODELS + ((TEACHER,) if args.teacher else ()) + ((MOE,) if args.moe else ())
         steps = {"ropebert": rb_step, "baseline": bl_step}
         if args.teacher:
             steps[TEACHER] = build_ropebert(model_dir, groups, args, device, teacher=True)[1]
+        if args.moe:
+            moe_mod, steps[MOE] = build_ropebert(model_dir, groups, args, device, moe=True)
+            counts[MOE] = {**param_counts(moe_mod.model), "active_encoder_layers": active_layer_params(moe_mod.model),
+                           "moe_layers": list(moe_mod.model.config.moe_layers)}
+            del moe_mod
         from ropebert.model.modeling_ropebert import resolve_attention_backend
 
         def backend_for(g):
@@ -447,11 +487,14 @@ def run(args: Union[argparse.Namespace, Sequence[str], None] = None, *, log=None
                                              1.0 - float(m.sum()) / m.numel()).name
 
         rb_backend = f"q: {backend_for(groups['query'])}, p: {backend_for(groups['passage'])}"
-        counts = {"ropebert": param_counts(rb_mod.model), "baseline": param_counts(bl_mod[0].model)}
         cfg = rb_mod.model.config
         if counts["ropebert"]["encoder_layers"] != counts["baseline"]["encoder_layers"]:
             raise RuntimeError(f"encoder layer parameters differ: {counts}")
         flops = step_flops(counts["ropebert"]["encoder_layers"], cfg.num_hidden_layers, cfg.hidden_size, lengths)
+        row_flops = {n: flops for n in models}
+        if args.moe:  # the active parameters: top-2 experts + router in the MoE layers
+            row_flops[MOE] = step_flops(counts[MOE]["active_encoder_layers"], cfg.num_hidden_layers, cfg.hidden_size,
+                                        lengths)
         peak = args.peak_tflops
         if peak is None and gpu and dtype == torch.bfloat16:
             peak = gpu_peak_tflops(torch.cuda.get_device_name(device))
@@ -496,7 +539,8 @@ def run(args: Union[argparse.Namespace, Sequence[str], None] = None, *, log=None
         "passage_tokens": [min(info["lengths"]["passage"]), max(info["lengths"]["passage"])],
         "ropebert_backend": rb_backend, "chunk": args.chunk, "compile": args.compile,
         "temperature": args.temperature, "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
-        "flops_per_step": flops, "peak_tflops": peak, "param_counts": counts,
+        "flops_per_step": flops, "moe_flops_per_step": row_flops.get(MOE), "moe": MOE_SETTING if args.moe else None,
+        "peak_tflops": peak, "param_counts": counts,
         "loadavg_before": load, "loadavg_after": load_after, "torch": torch.__version__,
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
     }
@@ -507,11 +551,14 @@ def run(args: Union[argparse.Namespace, Sequence[str], None] = None, *, log=None
         rows.append({
             "model": name, "label": LABELS[name], "status": "ok", "step_s": t, "step_s_all": times[name],
             "real_tokens_per_s": info["real_tokens"] / t, "pairs_per_s": args.pairs / t,
-            "achieved_tflops": flops / t / 1e12, "mfu": (flops / t / (peak * 1e12)) if peak else None,
+            "achieved_tflops": row_flops[name] / t / 1e12,
+            "mfu": (row_flops[name] / t / (peak * 1e12)) if peak else None,
             "peak_bytes": m.get("peak_bytes"), "reserved_bytes": m.get("reserved_bytes"),
             "abs_peak_bytes": m.get("abs_peak_bytes"), "model_rss_bytes": m.get("model_rss_bytes"),
             "memory": m.get("memory", m.get("status")), "loss": losses[name],
-            "params": counts["baseline" if name == "baseline" else "ropebert"]["total"], "setting": setting,
+            "params": counts[name if name in counts else "ropebert"]["total"],
+            "active_encoder_layer_params": counts[MOE]["active_encoder_layers"] if name == MOE else None,
+            "setting": setting,
         })
     ratio = rows[1]["step_s"] / rows[0]["step_s"]
     targets = ({"ratio": 2.5, "mfu": 0.45} if gpu else {"ratio": 1.3})
@@ -519,8 +566,12 @@ def run(args: Union[argparse.Namespace, Sequence[str], None] = None, *, log=None
     if "mfu" in targets:
         met["mfu"] = rows[0]["mfu"] is not None and rows[0]["mfu"] >= targets["mfu"]
     extra = {}
+    by = {r["model"]: r for r in rows}
     if args.teacher:  # the teacher's cost, measured in the same alternating loop
-        extra["teacher_overhead"] = rows[2]["step_s"] / rows[0]["step_s"]
+        extra["teacher_overhead"] = by[TEACHER]["step_s"] / rows[0]["step_s"]
+    if args.moe:  # the MoE vs the dense model it was upcycled from, same loop
+        extra["moe_overhead"] = by[MOE]["step_s"] / rows[0]["step_s"]
+        extra["moe_tokens_per_s_ratio"] = by[MOE]["real_tokens_per_s"] / rows[0]["real_tokens_per_s"]
     rows.append({"model": "ratio", "status": "ok", "ratio": ratio, "targets": targets, "met": met,
                  "setting": setting, **extra})
     run.header = setting
@@ -572,6 +623,12 @@ def report(rows: list[dict], command: str) -> str:
            if "mfu" in tgt else ""),
         *([f"teacher overhead (ropebert + teacher step / ropebert step, same run): {rr['teacher_overhead']:.2f}x"]
           if "teacher_overhead" in rr else []),
+        *([f"MoE vs dense ({s['moe']['num_experts']} experts, top-{s['moe']['top_k']}, MoE layers "
+           f"{c[MOE]['moe_layers']}; {c[MOE]['total']:,} params, {c[MOE]['active_encoder_layers']:,} active "
+           f"encoder-layer params per token vs {c['ropebert']['encoder_layers']:,} dense): step "
+           f"{rr['moe_overhead']:.2f}x the dense step's, tokens/s {rr['moe_tokens_per_s_ratio']:.2f}x; "
+           f"MoE FLOPs/step {s['moe_flops_per_step'] / 1e12:.3f} TFLOP (active parameters)"]
+          if "moe_overhead" in rr else []),
         "step times (s): " + "; ".join(f"{r['model']} " + ", ".join(f"{t:.2f}" for t in r["step_s_all"])
                                        for r in rows[:-1]),
         "FLOPs/step = 3 * sum_i (2 N n_i + 4 L C n_i^2) over real tokens (N = encoder-layer params, "

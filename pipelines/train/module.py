@@ -33,13 +33,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ropebert.errors import InputError
 from ropebert.model import RopeBertModel, mean_pool
+from ropebert.model.configuration_ropebert import MOE_DEFAULTS
 from ropebert.model.load import load_source
 from ropebert.model.load.checkpoint import CHECKPOINT_KEY, checkpoint_payload, tokenizer_files
 from ropebert.shards.datamodule import ShardDataModule
 
 from .gradcache import allreduce_gradients, contrastive_step, split_batch
 from .loss import contrastive_loss, dist_info, hidden_alignment, layered_contrastive_loss
-from .moe import MoEAux
+from .moe import MoEAux, MoESettings, apply_moe, moe_settings
 from .teacher import Teacher, student_hidden
 
 logger = logging.getLogger(__name__)
@@ -169,6 +170,7 @@ class RopeBertContrastive(L.LightningModule):
         attn_backend: Literal["auto", "eager", "sdpa", "sdpa_packed", "varlen", "flash_attn", "xformers"] = "auto",
         rope_theta: Optional[float] = None,
         original_max_position_embeddings: Optional[int] = None,
+        moe: Optional[MoESettings] = None,
         hidden_dropout: Optional[float] = None,
         attention_dropout: Optional[float] = None,
         activation_checkpointing: bool = False,
@@ -239,6 +241,17 @@ class RopeBertContrastive(L.LightningModule):
                 the long-context methods (NTK / SelfExtend / PI / GP / RP presets, attention scaling) extend from it.
                 None keeps the checkpoint's (default: max_position_embeddings). Set it when training at a shorter
                 length than the position range (e.g. a 512-position model trained on 128-token texts).
+            moe: train a sparse mixture of experts (`--model.moe.num_experts 8 --model.moe.top_k 2
+                --model.moe.every_n_layers 2`, or a `moe:` mapping in the config; keys and defaults: MoESettings,
+                the `moe` block of RopeBertConfig). Over a dense init the model is upcycled when the module is
+                built, exactly as `ropebert upcycle --seed <model.seed>` does: the FFN of every MoE layer becomes
+                num_experts copies of itself behind a router drawn from the seeded generator (a resume rebuilds
+                the same model, then loads the checkpoint's weights). Over an MoE init (an upcycled directory or
+                an MoE run's .ckpt) it must equal the init's moe block, or it is an error naming both. None: the
+                init trains as it is (an MoE init keeps its experts). The load-balancing loss of an MoE model
+                joins the training loss (pipelines/train/moe.py); with several ranks each rank adds the term
+                of its own tokens and the gradients are averaged: the step trains the global InfoNCE plus the
+                mean over ranks of the per-rank MoE terms.
             hidden_dropout: override hidden_dropout_prob (None: keep the checkpoint's).
             attention_dropout: override attention_probs_dropout_prob (None: keep the checkpoint's).
             activation_checkpointing: recompute each layer in backward (non-reentrant, RNG preserved).
@@ -277,9 +290,11 @@ class RopeBertContrastive(L.LightningModule):
             raise InputError(f"model.max_nonfinite must be >= 1, got {max_nonfinite}")
         if matryoshka_weights is not None and matryoshka_dims is None:
             raise InputError("model.matryoshka_weights needs model.matryoshka_dims")
+        moe_block = moe_settings(moe)
         self.save_hyperparameters()
+        self.hparams["moe"] = moe_block  # a plain dict: checkpoints are read with weights_only=True
         self.automatic_optimization = False
-        self.model = load_init_model(init_from, rope_theta)
+        self.model = apply_moe(load_init_model(init_from, rope_theta), moe_block, seed=seed, init_from=init_from)
         cfg = self.model.config
         if original_max_position_embeddings is not None:
             if original_max_position_embeddings < 2:
@@ -640,6 +655,12 @@ class RopeBertContrastive(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved_moe = ((checkpoint.get(CHECKPOINT_KEY) or {}).get("config") or {}).get("moe")
+        now_moe = self.model.config.moe
+        norm = lambda m: None if m is None else {**MOE_DEFAULTS, **m}  # noqa: E731
+        if norm(saved_moe) != norm(now_moe):  # before its weights are loaded: shapes would not match
+            raise InputError(f"resume: the checkpoint's model has moe={saved_moe}, this run's moe={now_moe} "
+                             "(model.moe / model.init_from); resume with the checkpoint's settings")
         saved = checkpoint.get("ropebert_teacher")
         now = None if self._teacher is None else self._teacher.sha256
         if saved is not None or now is not None:

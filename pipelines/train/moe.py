@@ -13,17 +13,102 @@ p_te) / T, backpropagated through the router inside the chunk. Without GradCache
 loss once every group is embedded. Both give the same loss and gradients (tests/pipelines/train/test_moe_train.py);
 routing is deterministic, so the replay routes exactly as pass 1 did (checked: a mismatch is an error).
 
+Data parallel (W ranks, `ropebert_ddp`): the term is per rank. Rank r computes aux_r from its own tokens only (its
+own f_e, P_e and T; nothing of the routing is all-reduced) and adds it to its local loss; the one gradient
+all-reduce then averages, so a W-rank step computes the gradient of
+
+    mean_r InfoNCE_r + coef * mean_r mean_l aux_{l,r}  =  InfoNCE(global batch) + mean_r (rank r's MoE term)
+
+-- the mean of the ranks' Switch losses, not the Switch loss of the global batch (a product of means is not the
+mean of the products). A single process reproduces a W-rank step exactly by adding the mean of the MoE terms of
+the W row slices to the whole batch's loss (tests/pipelines/train/test_moe_train.py, 2 gloo ranks == 1 process).
+The logged train/loss, train/moe_aux and per-layer stats are rank 0's own.
+
 Routing is observed with forward hooks on the model's MoE blocks (they recompute the router's probabilities from
 the block input, a (T, C) x (C, E) product): the model itself is not changed, whatever embed function runs it.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Optional, Union
 
 import torch
 
-from ropebert.model.modeling_ropebert import RopeBertMoE
+from ropebert.errors import InputError
+from ropebert.model.configuration_ropebert import MOE_DEFAULTS
+from ropebert.model.modeling_ropebert import RopeBertModel, RopeBertMoE
+
+
+@dataclass
+class MoESettings:
+    """`model.moe` of `ropebert fit` (the `moe` block of RopeBertConfig; `--model.moe.num_experts 8` ...).
+
+    Args:
+        num_experts: experts per MoE layer (>= 1).
+        top_k: experts per token (1..num_experts).
+        every_n_layers: the MoE layers are the 0-based i with i % every_n_layers == 1 (2: layers 1, 3, 5, ...).
+        normalize_weights: renormalise each token's top-k router weights to sum to 1.
+        aux_loss_coef: weight of the load-balancing loss added to the training loss (>= 0).
+    """
+
+    num_experts: int = MOE_DEFAULTS["num_experts"]
+    top_k: int = MOE_DEFAULTS["top_k"]
+    every_n_layers: int = MOE_DEFAULTS["every_n_layers"]
+    normalize_weights: bool = MOE_DEFAULTS["normalize_weights"]
+    aux_loss_coef: float = MOE_DEFAULTS["aux_loss_coef"]
+
+
+def moe_settings(moe: Union[None, MoESettings, dict[str, Any]]) -> Optional[dict]:
+    """`model.moe` as the config's plain dict (every key filled in); None stays None. Unknown keys, wrong types and
+    bad values are InputErrors naming the setting."""
+    if moe is None:
+        return None
+    if isinstance(moe, MoESettings):
+        d = asdict(moe)
+    elif isinstance(moe, dict):
+        known = {f.name for f in fields(MoESettings)}
+        unknown = sorted(set(moe) - known)
+        if unknown:
+            raise InputError(f"model.moe: unknown keys {unknown}; the keys are {sorted(known)}")
+        d = asdict(MoESettings(**moe))
+    else:
+        raise InputError(f"model.moe must be null or a mapping with keys {sorted(MOE_DEFAULTS)}, got {moe!r}")
+    for k in ("num_experts", "top_k", "every_n_layers"):
+        if not isinstance(d[k], int) or isinstance(d[k], bool) or d[k] < 1:
+            raise InputError(f"model.moe.{k} must be an integer >= 1, got {d[k]!r}")
+    if d["top_k"] > d["num_experts"]:
+        raise InputError(f"model.moe.top_k={d['top_k']} exceeds model.moe.num_experts={d['num_experts']}")
+    if not isinstance(d["normalize_weights"], bool):
+        raise InputError(f"model.moe.normalize_weights must be true or false, got {d['normalize_weights']!r}")
+    c = d["aux_loss_coef"]
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not (0 <= c < float("inf")):
+        raise InputError(f"model.moe.aux_loss_coef must be a finite number >= 0, got {c!r}")
+    d["aux_loss_coef"] = float(c)
+    return d
+
+
+def apply_moe(model: RopeBertModel, moe: Optional[dict], *, seed: int, init_from: str = "model.init_from") -> RopeBertModel:
+    """The model a run trains under `model.moe` (a moe_settings dict): unchanged without it; a dense init upcycled
+    exactly as `ropebert upcycle --seed seed` does (experts = copies of each MoE layer's dense FFN, router
+    normal(0, 1e-3) from the seeded generator; in training mode); an MoE init returned as it is when its `moe`
+    block equals the setting, else an InputError naming both."""
+    if moe is None:
+        return model
+    have = getattr(model.config, "moe", None)
+    if have is not None:
+        have = {**MOE_DEFAULTS, **have}
+        if {**have, "aux_loss_coef": float(have["aux_loss_coef"])} != moe:
+            raise InputError(f"model.moe {moe} does not match the mixture of experts of model.init_from {init_from!r} "
+                             f"(its config's moe: {have}); set model.moe to the init's block, or leave it null to "
+                             "train the init as it is")
+        return model
+    from ropebert.model.upcycle import upcycle
+
+    try:
+        return upcycle(model, seed=seed, **moe).train()
+    except InputError as e:
+        raise InputError(f"model.moe {moe} over model.init_from {init_from!r}: {e}") from None
 
 
 class MoEAux:
