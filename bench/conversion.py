@@ -84,7 +84,8 @@ def main() -> int:
         with torch.no_grad():
             table.copy_(mean.expand_as(orig))
             table[:keep] = orig[:keep]
-        what = "every position at the mean" if keep == 0 else f"positions 0..{keep - 1} kept, the rest at the mean"
+        what = ("every position at the mean" if keep == 0 else "position 0 kept, the rest at the mean" if keep == 1
+                else f"positions 0..{keep - 1} kept, the rest at the mean")
         record(f"APE parent, {what}", st, keep_positions=keep)
     with torch.no_grad():
         table.copy_(orig)
