@@ -138,8 +138,9 @@ def from_bert(path_or_model, rope_theta: float = 10000.0, fold_positions: int = 
 # (and so the APE-free model) unchanged, but moves where the score mass sits. align_rotary_basis picks, per head,
 # the eigenvectors of S = Cq / tr Cq + Ck / tr Ck (Cq, Ck: second moments of q and k over calibration tokens,
 # bias included), most important first, and lays them on the slowest pairs first. Values are not touched.
-# With all-MiniLM-L6-v2 (folded, untrained) this lifts held-out docstring nDCG@10 from 0.62 to 0.71-0.73, next
-# to 0.73 for the same model with rotary switched off (BENCHMARKS.md).
+# With all-MiniLM-L6-v2 (folded, untrained) this lifts held-out docstring nDCG@10 from 0.62 to 0.68 (random tokens)
+# - 0.73 (text), the same model with rotary switched off scoring 0.73; with position 0 folded into [CLS] as well,
+# 0.81 (BENCHMARKS.md).
 # ----------------------------------------------------------------------------------------------------------
 
 
