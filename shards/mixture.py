@@ -47,6 +47,7 @@ import numpy as np
 from ropebert.errors import InputError
 
 from .format import load_manifest, manifest_hash
+from .plan import range_segments
 
 SAMPLING = ("proportional", "temperature", "weights")
 BATCH_SOURCE = ("homogeneous", "mixed")
@@ -305,18 +306,8 @@ def step_segments(plan: MixturePlan, step: int, rank: int) -> tuple[int, int, li
     shard's shuffled order of that pass, in reading order."""
     src, pass_, b = plan.steps[step]
     lo = b * plan.global_batch + rank * plan.batch_size
-    hi = lo + plan.batch_size
-    segs, pos = [], 0
     order, _ = pass_order(plan, src, pass_)
-    for idx in order:
-        n = plan.shard_sizes[src][idx]
-        a, c = max(lo, pos), min(hi, pos + n)
-        if a < c:
-            segs.append((idx, a - pos, c - pos))
-        pos += n
-        if pos >= hi:
-            break
-    return src, pass_, segs
+    return src, pass_, range_segments(order, plan.shard_sizes[src], lo, lo + plan.batch_size)
 
 
 def step_samples(plan: MixturePlan, step: int, rank: int) -> tuple[int, list[tuple[int, int]]]:

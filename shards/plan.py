@@ -88,9 +88,15 @@ def slot_segments(plan: EpochPlan, slot: int, start_batch: int = 0) -> list[tupl
     per_slot = plan.batches_per_slot * plan.batch_size
     lo = slot * per_slot + min(start_batch, plan.batches_per_slot) * plan.batch_size
     hi = (slot + 1) * per_slot
+    return range_segments(plan.shard_order, plan.shard_sizes, lo, hi)
+
+
+def range_segments(order: Sequence[int], sizes: Sequence[int], lo: int, hi: int) -> list[tuple[int, int, int]]:
+    """[(shard_index, lo, hi)]: positions lo..hi of the concatenation of shards `order` (sizes by shard index),
+    as ranges within each shard, in reading order."""
     segs, pos = [], 0
-    for idx in plan.shard_order:
-        n = plan.shard_sizes[idx]
+    for idx in order:
+        n = sizes[idx]
         a, b = max(lo, pos), min(hi, pos + n)
         if a < b:
             segs.append((idx, a - pos, b - pos))
