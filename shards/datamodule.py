@@ -56,6 +56,15 @@ def load_fast_tokenizer(path: str):
     return tok
 
 
+def this_worker(stream: str, planned: int) -> int:
+    """This DataLoader worker's id (0 in the main process); the stream's plan must be for this many workers."""
+    info = get_worker_info()
+    n_phys = info.num_workers if info is not None else 1
+    if n_phys != planned:
+        raise RuntimeError(f"{stream} planned for {planned} workers but runs in {n_phys}")
+    return info.id if info is not None else 0
+
+
 class BatchCollator:
     """List of shard samples -> a train batch dict (see ShardDataModule). Runs inside DataLoader workers."""
 
@@ -147,11 +156,7 @@ class ShardStream(IterableDataset):
                          world_size=self.world_size, workers=self.workers, batch_size=self.batch_size)
 
     def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        physical = info.id if info is not None else 0
-        n_phys = info.num_workers if info is not None else 1
-        if n_phys != self.workers:
-            raise RuntimeError(f"ShardStream planned for {self.workers} workers but runs in {n_phys}")
+        physical = this_worker(type(self).__name__, self.workers)
         plan = self.plan()
         lw = logical_worker(physical, self.workers, self.start_batch)
         done = consumed_by_worker(lw, self.workers, self.start_batch)
@@ -200,11 +205,7 @@ class MixtureStream(IterableDataset):
         return d
 
     def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        physical = info.id if info is not None else 0
-        n_phys = info.num_workers if info is not None else 1
-        if n_phys != self.workers:
-            raise RuntimeError(f"MixtureStream planned for {self.workers} workers but runs in {n_phys}")
+        physical = this_worker(type(self).__name__, self.workers)
         plan = self.plan()
         cache: dict = {}  # source -> (shard index, samples): the last shard read of each source
         for t in range(self.start_batch + physical, plan.batches_per_rank, self.workers):
