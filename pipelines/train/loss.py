@@ -228,6 +228,7 @@ def contrastive_loss(
     temperature: Union[float, torch.Tensor] = 0.01,
     teacher_scores: Optional[torch.Tensor] = None,
     alpha: float = 0.2,
+    contrastive_weight: float = 1.0,
     teacher_temperature: float = 1.0,
     symmetric: bool = False,
     gather: bool = False,
@@ -255,6 +256,9 @@ def contrastive_loss(
             With them: loss = alpha * InfoNCE + KL(softmax(teacher / teacher_temperature) || softmax(student)),
             where the student logits are the query's cosines to its own 1+K candidates / tau; batch mean.
         alpha: weight of InfoNCE when distilling (LongEmbed / E5 stage 2: 0.2).
+        contrastive_weight: weight of InfoNCE without teacher_scores (stage 1): loss = contrastive_weight *
+            InfoNCE + the teacher terms. 0 = pure distillation from a frozen teacher (the caller's teacher terms
+            are the whole loss); the InfoNCE value is still computed and reported.
         teacher_temperature: divides teacher_scores before the softmax (1.0: the scores are logits as given).
         symmetric: add the passage->query direction (each local positive against all global queries) and
             average the two directions.
@@ -311,6 +315,8 @@ def contrastive_loss(
         raise ValueError(f"contrastive_loss: teacher embeddings have dim {teacher_query.shape[-1]}, the student's {D}")
     if isinstance(temperature, (int, float)) and temperature <= 0:
         raise ValueError(f"contrastive_loss: temperature must be > 0, got {temperature}")
+    if contrastive_weight < 0:
+        raise ValueError(f"contrastive_loss: contrastive_weight must be >= 0, got {contrastive_weight}")
     plan = _matryoshka_plan(matryoshka_dims, matryoshka_weights, D)
     fn_mask = false_negative_mask(query_hashes, passage_hashes, negative_hashes, B=B, K=K, gather=gather)
     own_mask = None  # (B, 1+K): the query's own hard negatives that are its positive's text
@@ -361,7 +367,8 @@ def contrastive_loss(
                 if fn_mask is not None:  # the two rules are symmetric: the passage-side mask is mask_p
                     logits_p = logits_p.masked_fill(fn_mask[:, : logits_p.shape[1]], float("-inf"))
                 infonce = 0.5 * (infonce + F.cross_entropy(logits_p, labels))
-            out = {"q": q, "p": p, "n": n, "logits": logits, "infonce": infonce, "loss": infonce,
+            out = {"q": q, "p": p, "n": n, "logits": logits, "infonce": infonce,
+                   "loss": infonce if contrastive_weight == 1.0 else contrastive_weight * infonce,
                    "kl": None, "teacher_embed": None, "teacher_kl": None}
             if teacher_scores is not None:
                 own = torch.cat([p[:, None, :], n.view(B, K, d)], dim=1)  # (B, 1+K, d)

@@ -148,6 +148,7 @@ class RopeBertContrastive(L.LightningModule):
         symmetric: bool = False,
         gather: bool = True,
         alpha: float = 0.2,
+        contrastive_weight: float = 1.0,
         distill: bool = True,
         teacher_temperature: Optional[float] = None,
         teacher: Optional[str] = None,
@@ -191,6 +192,9 @@ class RopeBertContrastive(L.LightningModule):
             symmetric: add the passage->query InfoNCE direction and average both.
             gather: score local queries against the passages/negatives of ALL ranks (gathered with gradient).
             alpha: stage 2 with teacher scores: loss = alpha * InfoNCE + KL(teacher || student).
+            contrastive_weight: weight of InfoNCE without shard teacher scores (stage 1): loss = contrastive_weight
+                * InfoNCE + the teacher_* terms. 0 = pure distillation from `teacher` (some teacher_*_weight must
+                then be > 0); InfoNCE is still logged.
             distill: use the shards' teacher scores in stage 2 when present (False: InfoNCE only).
             teacher_temperature: teacher scores are divided by it before the softmax. None: from what the scores
                 are -- the shards' manifest `score_kind` (cosine: 0.05, logits: 1.0) for stage-2 shard scores, and
@@ -286,6 +290,11 @@ class RopeBertContrastive(L.LightningModule):
         uses_teacher = bool(teacher_hidden_weight or teacher_embed_weight or teacher_score_weight)
         if uses_teacher and not teacher:
             raise InputError("model.teacher_*_weight > 0 needs model.teacher (a teacher model directory)")
+        if contrastive_weight < 0:
+            raise InputError(f"model.contrastive_weight must be >= 0, got {contrastive_weight}")
+        if contrastive_weight == 0 and not uses_teacher:
+            raise InputError("model.contrastive_weight=0 leaves no loss: set a model.teacher_*_weight > 0 (pure "
+                             "distillation from model.teacher)")
         if max_nonfinite < 1:
             raise InputError(f"model.max_nonfinite must be >= 1, got {max_nonfinite}")
         if matryoshka_weights is not None and matryoshka_dims is None:
@@ -509,7 +518,7 @@ class RopeBertContrastive(L.LightningModule):
             loss = contrastive_loss if not self._layers else partial(layered_contrastive_loss, layers=self._layers)
             return loss(
                 q, p, n, temperature=self.temperature(), teacher_scores=teacher, alpha=hp.alpha,
-                teacher_temperature=shard_t, symmetric=hp.symmetric, gather=hp.gather,
+                contrastive_weight=hp.contrastive_weight, teacher_temperature=shard_t, symmetric=hp.symmetric, gather=hp.gather,
                 teacher_query=t.get("query"), teacher_passage=t.get("passage"), teacher_negative=tn,
                 teacher_embed_weight=hp.teacher_embed_weight if t else 0.0,
                 teacher_score_weight=hp.teacher_score_weight if t else 0.0,

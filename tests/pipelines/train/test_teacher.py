@@ -68,6 +68,18 @@ def test_teacher_embed_and_score_terms_by_hand():
     kl = (pt * (pt.log() - ls)).sum(-1).mean()
     torch.testing.assert_close(score_only, base + 2.0 * kl)
     torch.testing.assert_close(stats["teacher_kl"], kl)
+    # contrastive_weight scales InfoNCE only; 0 leaves the teacher terms alone (pure distillation)
+    both = dict(teacher_query=tq, teacher_passage=tp, teacher_negative=tn, teacher_embed_weight=0.5,
+                teacher_score_weight=2.0, teacher_score_temperature=tt)
+    full = contrastive_loss(q, p, n, temperature=tau, **both)
+    torch.testing.assert_close(full, base + 0.5 * (1 - cos).mean() + 2.0 * kl)
+    torch.testing.assert_close(contrastive_loss(q, p, n, temperature=tau, contrastive_weight=0.25, **both),
+                               full - 0.75 * base)
+    pure, pure_stats = contrastive_loss(q, p, n, temperature=tau, contrastive_weight=0.0, return_stats=True, **both)
+    torch.testing.assert_close(pure, 0.5 * (1 - cos).mean() + 2.0 * kl)
+    torch.testing.assert_close(pure_stats["infonce"], base)  # still reported
+    with pytest.raises(ValueError, match="contrastive_weight must be >= 0"):
+        contrastive_loss(q, p, n, contrastive_weight=-1.0)
     with pytest.raises(ValueError, match="teacher terms need"):
         contrastive_loss(q, p, n, teacher_query=tq, teacher_embed_weight=1.0)
     with pytest.raises(ValueError, match="dim 4, the student's 5"):
@@ -101,8 +113,10 @@ def _step(m):
                             chunk_size=m.hparams.gradcache_chunk)
 
 
-def test_gradcache_equals_uncached_with_teacher(tiny_bert_dir):
-    ref, gc = _module(tiny_bert_dir, tiny_bert_dir, None, **WEIGHTS), _module(tiny_bert_dir, tiny_bert_dir, 2, **WEIGHTS)
+@pytest.mark.parametrize("contrastive_weight", [1.0, 0.0], ids=["infonce", "pure-distillation"])
+def test_gradcache_equals_uncached_with_teacher(tiny_bert_dir, contrastive_weight):
+    w = dict(WEIGHTS, contrastive_weight=contrastive_weight)
+    ref, gc = _module(tiny_bert_dir, tiny_bert_dir, None, **w), _module(tiny_bert_dir, tiny_bert_dir, 2, **w)
     r0, r1 = _step(ref), _step(gc)
     assert r0.finite and r1.finite and float(r0.stats["aux"]) > 0  # the hidden term is there (converted: not 0)
     torch.testing.assert_close(r1.loss, r0.loss, rtol=1e-5, atol=1e-6)
@@ -215,6 +229,10 @@ def test_bad_teachers_are_clear_errors(tiny_bert_dir, tmp_path):
         from ropebert.pipelines.train.module import RopeBertContrastive
 
         RopeBertContrastive(str(tiny_bert_dir), teacher_hidden_weight=1.0)
+    with pytest.raises(InputError, match="contrastive_weight=0 leaves no loss"):
+        RopeBertContrastive(str(tiny_bert_dir), contrastive_weight=0.0)
+    with pytest.raises(InputError, match="contrastive_weight must be >= 0"):
+        RopeBertContrastive(str(tiny_bert_dir), contrastive_weight=-0.5)
 
 
 def test_teacher_truncated_to_its_position_range_and_hash(tiny_bert_dir, tmp_path):
