@@ -77,6 +77,13 @@ class RopeBertConfig(PretrainedConfig):
             "sdpa", "sdpa_packed", "varlen", plus optional ones registered at import time such as
             "flash_attn" and "xformers"). Checked when the model is built.
         rope_impl: Rotary implementation: "torch", "triton" (registered by ropebert.kernels) or "auto".
+        leading_positions: K >= 0. 0 (default): no absolute position information at all, the E5-RoPE layout.
+            K > 0: the tokens at the first K positions of each sequence (0..K-1 over its real tokens) also get an
+            absolute vector, `embeddings.leading_position_embeddings` (K, C), added to their word + token-type
+            embedding before the embedding LayerNorm; tokens at K and beyond get none, so any length still works
+            and the long-context methods (which remap rotary positions only) are unaffected. `ropebert export
+            --keep-positions K` fills it from an APE parent's first K position vectors: an APE BERT's use of
+            absolute positions sits in its first tokens (all-MiniLM-L6-v2: positions 0..15 carry all of it).
 
     Long-context inference (all read at forward time, so editing `model.config.<key>` or config.json applies
     them without retraining; presets for a 512-token model: NTK rope_theta 30000 / 50000 / 100000 for 1k / 2k /
@@ -144,6 +151,7 @@ class RopeBertConfig(PretrainedConfig):
         matryoshka_dims: Optional[list] = None,
         matryoshka_layers: Optional[list] = None,
         moe: Optional[dict] = None,
+        leading_positions: int = 0,
         **kwargs,
     ):
         super().__init__(pad_token_id=pad_token_id, **kwargs)
@@ -183,6 +191,7 @@ class RopeBertConfig(PretrainedConfig):
         self.matryoshka_dims = list(matryoshka_dims) if matryoshka_dims is not None else None
         self.matryoshka_layers = list(matryoshka_layers) if matryoshka_layers is not None else None
         self.moe = {**MOE_DEFAULTS, **moe} if isinstance(moe, dict) else moe
+        self.leading_positions = leading_positions
         self.validate_ropebert()
 
     # transformers >= 5 turns `rope_scaling` into a deprecated alias of its own `rope_parameters` format. At run time
@@ -245,6 +254,9 @@ class RopeBertConfig(PretrainedConfig):
                 f"RopeBertConfig.max_position_embeddings must be >= 1, got {self.max_position_embeddings!r}"
             )
         self._validate_long_context()
+        lp = getattr(self, "leading_positions", 0)
+        if isinstance(lp, bool) or not isinstance(lp, int) or lp < 0:
+            raise ValueError(f"RopeBertConfig.leading_positions must be an int >= 0, got {lp!r}")
         ed = self.embedding_dim
         if ed is not None and (not isinstance(ed, int) or isinstance(ed, bool) or not 1 <= ed <= self.hidden_size):
             raise ValueError(f"RopeBertConfig.embedding_dim must be null or an int in 1..hidden_size={self.hidden_size}, "

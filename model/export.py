@@ -211,6 +211,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--rotary-basis", action="store_true",
                     help="APE BERT sources: re-base each head's q and k so their score-carrying directions sit on "
                          "the slowest rotary frequencies (exact without rotary; see model/load/convert.py)")
+    ap.add_argument("--keep-positions", type=int, default=0, metavar="K",
+                    help="APE BERT sources: keep the first K position vectors (minus the folded mean) as an absolute "
+                         "table for the first K tokens of each sequence (config leading_positions; later tokens: "
+                         "rotary only). 0: none, the E5-RoPE layout")
     ap.add_argument("--calibration", default=None, metavar="FILE",
                     help="--rotary-basis statistics from these texts (UTF-8, one per line) instead of seeded random "
                          "tokens")
@@ -230,7 +234,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                          "blocked) and compare embeddings with ropebert's (max |diff| <= 1e-5)")
     args = ap.parse_args(argv)
     conversion = {"--fold-positions": bool(args.fold_positions), "--fold-first-token": args.fold_first_token,
-                  "--rotary-basis": args.rotary_basis, "--calibration": args.calibration is not None}
+                  "--rotary-basis": args.rotary_basis, "--calibration": args.calibration is not None,
+                  "--keep-positions": bool(args.keep_positions)}
+    if args.keep_positions < 0:
+        raise InputError(f"--keep-positions must be >= 0, got {args.keep_positions}")
     if any(conversion.values()):
         named = ", ".join(k for k, v in conversion.items() if v)
         if not (Path(args.src).is_dir() and is_ape_bert(read_config(args.src))):
@@ -246,7 +253,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                  "cls_token (the token that starts every sequence)")
         calibration = read_calibration(args.calibration, src_tok) if args.calibration else None
         model = from_bert(args.src, fold_positions=args.fold_positions, first_token_id=first,
-                          rotary_basis=args.rotary_basis, calibration=calibration)
+                          rotary_basis=args.rotary_basis, calibration=calibration, keep_positions=args.keep_positions)
     else:
         model = load_source(args.src)
     prompts = dict(DEFAULT_PROMPTS)

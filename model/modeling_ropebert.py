@@ -573,11 +573,24 @@ class RopeBertEmbeddings(nn.Module):
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        # config.leading_positions K > 0: an absolute vector for the first K tokens of each sequence only
+        k = int(getattr(config, "leading_positions", 0) or 0)
+        self.leading_position_embeddings = nn.Embedding(k, config.hidden_size) if k else None
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                token_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids / token_type_ids (B, L) or (T,); token_index: the same shape, each token's index in its
+        sequence (0..n-1 over real tokens; needed with leading_positions)."""
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)  # (..., C)
+        table = self.leading_position_embeddings
+        if table is not None:
+            if token_index is None:
+                raise ValueError("RopeBertEmbeddings: leading_positions needs each token's index in its sequence")
+            k = table.num_embeddings
+            lead = token_index < k  # (...,) tokens that get an absolute vector
+            x = x + table(token_index.clamp(0, k - 1)) * lead.unsqueeze(-1).to(x.dtype)  # (..., C)
         return self.dropout(self.LayerNorm(x))
 
 
@@ -1010,6 +1023,7 @@ class RopeBertModel(RopeBertPreTrainedModel):
         backend = resolve_attention_backend(
             cfg.attn_backend, device, self._compute_dtype(device), dropout_p > 0, padding_fraction
         )
+        token_index = position_ids  # (B, L) before any remap: what the leading position table is indexed by
         position_ids = long_context_positions(position_ids, cfg, seqlens)  # (B, L) gp / rp / PI remaps
         inv_freq = long_context_inv_freq(self.head_dim, cfg, seqlens)  # (D/2,) or (B, D/2) dynamic NTK
         q_scale = attn_scale_factors(seqlens, cfg.attn_scale_base)  # None or (B,)
@@ -1030,6 +1044,7 @@ class RopeBertModel(RopeBertPreTrainedModel):
             input_ids = input_ids.flatten()[unpad_index]
             token_type_ids = token_type_ids.flatten()[unpad_index]
             positions = position_ids.flatten()[unpad_index]
+            token_index = token_index.flatten()[unpad_index]  # (T,)
             cu_seqlens = F.pad(seqlens.cumsum(0, dtype=torch.int32), (1, 0))
             if inv_freq.dim() == 2:  # per sequence -> per token (T, D/2)
                 inv_freq = inv_freq.repeat_interleave(seqlens.long(), dim=0)
@@ -1048,7 +1063,7 @@ class RopeBertModel(RopeBertPreTrainedModel):
                 packed=False, positions=position_ids, attention_mask=mask, has_padding=not bool(mask.all()),
                 inv_freq=inv_freq, q_scale=q_scale, **common,
             )
-        x = self.embeddings(input_ids, token_type_ids)  # (B, L, C) or (T, C)
+        x = self.embeddings(input_ids, token_type_ids, token_index.long())  # (B, L, C) or (T, C)
         x, all_hidden = self.encoder(x, ctx, backend, output_hidden_states)
         return x, all_hidden, ctx, unpad_index, (B, L)
 

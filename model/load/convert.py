@@ -28,7 +28,8 @@ _BERT_DROPPED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
 
 def from_bert(path_or_model, rope_theta: float = 10000.0, fold_positions: int = 0,
               first_token_id: Optional[int] = None, rotary_basis: bool = False,
-              calibration: Optional[Sequence[Sequence[int]]] = None, **config_overrides) -> RopeBertModel:
+              calibration: Optional[Sequence[Sequence[int]]] = None, keep_positions: int = 0,
+              **config_overrides) -> RopeBertModel:
     """Build a RoPE BERT from an HF BERT checkpoint (directory or BertModel): copies every weight except the
     absolute position table and the pooler (and pre-training heads), keeping BERT weight names.
 
@@ -43,6 +44,12 @@ def from_bert(path_or_model, rope_theta: float = 10000.0, fold_positions: int = 
     model's position-0 vector (minus the folded mean), which is exact, since that token is never anywhere else.
     Position 0 carries much of what all-MiniLM-L6-v2 takes from its table: with every other position at the mean,
     keeping position 0 is worth 7 held-out nDCG@10 points (BENCHMARKS.md).
+
+    keep_positions: K > 0 keeps the APE model's first K position vectors (minus the folded mean; row 0 is zero
+    when first_token_id already holds it) as the model's `leading_positions` table: tokens 0..K-1 of every
+    sequence get their absolute vector back, later tokens only rotary. With all-MiniLM-L6-v2 the parent with
+    positions 0..15 kept and the rest at the mean scores as the parent itself on held-out docstrings, and the
+    RoPE conversion with K = 16 comes within 1 nDCG@10 point of the parent on MS MARCO untrained (BENCHMARKS.md).
 
     rotary_basis: re-express each head's q and k in a basis that puts their score-carrying directions on the
     lowest rotary frequencies (`align_rotary_basis`; exact without rotary, calibrated on `calibration` token-id
@@ -76,6 +83,10 @@ def from_bert(path_or_model, rope_theta: float = 10000.0, fold_positions: int = 
     )
     cfg_kwargs = {k: bert_cfg[k] for k in keys if k in bert_cfg}
     cfg_kwargs.update(config_overrides)
+    if isinstance(keep_positions, bool) or not isinstance(keep_positions, int) or keep_positions < 0:
+        raise InputError(f"from_bert: keep_positions must be an int >= 0, got {keep_positions!r}")
+    if keep_positions:
+        cfg_kwargs["leading_positions"] = keep_positions
     config = RopeBertConfig(rope_theta=rope_theta, **cfg_kwargs)
     if state is None:
         state = load_state_dict_from_dir(src)
@@ -108,6 +119,20 @@ def from_bert(path_or_model, rope_theta: float = 10000.0, fold_positions: int = 
             p0 = p0 - table[: int(fold_positions)].float().mean(0)
         converted[we] = converted[we].clone()
         converted[we][int(first_token_id)] += p0.to(converted[we].dtype)
+    if keep_positions:
+        table = next((v for k, v in state.items() if k.endswith("embeddings.position_embeddings.weight")), None)
+        we = next((k for k in converted if k.endswith("embeddings.word_embeddings.weight")), None)
+        if table is None or we is None:
+            raise InputError(f"from_bert: keep_positions needs {src}'s position table")
+        if keep_positions > table.shape[0]:
+            raise InputError(f"from_bert: keep_positions must be in 0..{table.shape[0]} (the position table of "
+                             f"{src}), got {keep_positions}")
+        lead = table[:keep_positions].float().clone()  # (K, C)
+        if fold_positions:
+            lead -= table[: int(fold_positions)].float().mean(0)
+        if first_token_id is not None:
+            lead[0] = 0.0  # position 0 is in the first token's word embedding already
+        converted[we.replace("word_embeddings", "leading_position_embeddings")] = lead.to(table.dtype)
     model = RopeBertModel(config)
     missing, unexpected = model.load_state_dict(converted, strict=False)
     if missing or unexpected:

@@ -4,7 +4,8 @@
 Steps (each one a `ropebert ...` command you could run yourself; they are printed as they run):
   1. convert   all-MiniLM-L6-v2 (APE BERT, offline package) -> RoPE BERT      artifacts/minilm-rope
                (position table dropped, its mean over 128 positions folded into the token-type embeddings,
-               position 0 into [CLS]; each head's q/k re-based onto the slow rotary frequencies)
+               position 0 into [CLS], positions 1..15 kept as a small absolute table for the first 16 tokens;
+               each head's q/k re-based onto the slow rotary frequencies)
   2. shards    stage-1 pairs from the embedded docstring source (train split) artifacts/shards/stage1
                + held-out docstring pairs as a BEIR directory                   artifacts/eval/docstrings-heldout
   3. stage 1   in-batch negatives through GradCache + distillation from the APE parent as a frozen teacher
@@ -101,7 +102,7 @@ class Demo:
 
     def convert(self):
         self.ropebert("export", self.ape, "--out", self.path("minilm-rope"), "--fold-positions", 128,
-                      "--fold-first-token", "--rotary-basis", *NO_PROMPTS, "--overwrite")
+                      "--fold-first-token", "--rotary-basis", "--keep-positions", 16, *NO_PROMPTS, "--overwrite")
 
     def shards(self):
         n_train = 800 if self.quick else 2000

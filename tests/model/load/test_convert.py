@@ -79,6 +79,39 @@ def test_fold_positions_and_first_token_are_exact(no_rotary):
     assert (_run(plain, ids) - _run_bert(bert, ids, zero0)).abs().max() < 1e-5
 
 
+def test_keep_positions_is_exact_for_the_leading_tokens(no_rotary):
+    """Without rotary, fold N + keep K == the APE model with positions 0..K-1 at their own vectors and the rest at
+    the mean; with the first token folded too (row 0 then zero); the whole table kept == the APE model itself."""
+    bert = _bert()
+    table = bert.embeddings.position_embeddings.weight.detach()
+    mean = table[:16].mean(0)
+    ids = _ids(length=12)
+    keep = mean.expand_as(table).clone()
+    keep[:4] = table[:4]
+    for first in (None, 101):
+        m = no_rotary(from_bert(bert, fold_positions=16, first_token_id=first, keep_positions=4))
+        assert m.config.leading_positions == 4
+        lead = m.embeddings.leading_position_embeddings.weight
+        assert (lead[0].abs().max() == 0) == (first is not None)
+        assert (_run(m, ids) - _run_bert(bert, ids, keep)).abs().max() < 1e-5
+    whole = no_rotary(from_bert(bert, keep_positions=table.shape[0]))
+    assert (_run(whole, ids) - _run_bert(bert, ids, table)).abs().max() < 1e-5
+    # with rotary on, the padded and packed layouts agree, and a left-padded batch indexes its real tokens
+    m = from_bert(bert, fold_positions=16, keep_positions=4).eval()
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        out = {b: m.set_attn_backend(b) or m(ids, mask).last_hidden_state for b in ("sdpa", "sdpa_packed", "eager")}
+        for b in ("sdpa_packed", "eager"):
+            assert (out[b] - out["sdpa"])[mask.bool()].abs().max() < 1e-5, b
+        left_ids, left_mask = ids[1:2].clone(), mask[1:2].clone()
+        left_ids = torch.cat([left_ids[:, 7:], left_ids[:, :7]], dim=1)
+        left_mask = torch.cat([left_mask[:, 7:], left_mask[:, :7]], dim=1)
+        m.set_attn_backend("sdpa")
+        left = m(left_ids, left_mask).last_hidden_state[0, 5:]
+        assert (left - out["sdpa"][1, :7]).abs().max() < 1e-5
+
+
 def test_rotary_basis_is_exact_without_rotary_and_orders_layer0(no_rotary):
     bert = _bert()
     ids = _ids()
@@ -150,5 +183,12 @@ def test_conversion_bad_input():
     bert = _bert()
     with pytest.raises(InputError, match="first_token_id 5000 is not in"):
         from_bert(bert, first_token_id=5000)
+    with pytest.raises(InputError, match=r"keep_positions must be in 0\.\.64"):
+        from_bert(bert, keep_positions=65)
+    with pytest.raises(InputError, match="keep_positions must be an int >= 0"):
+        from_bert(bert, keep_positions=-1)
+    from ropebert.model import RopeBertConfig
+    with pytest.raises(ValueError, match="leading_positions must be an int >= 0"):
+        RopeBertConfig(hidden_size=32, num_attention_heads=4, leading_positions=-2)
     with pytest.raises(InputError, match="no tokens"):
         align_rotary_basis(from_bert(bert), [[]])
