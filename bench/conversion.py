@@ -4,8 +4,9 @@ Retrieval quality (nDCG@10, MRR@10) on the demo's held-out docstring split (the 
   - the APE parent (sentence-transformers), and the parent with its position table ablated: every position at the
     mean of the first N, except positions 0..k-1 kept (how much of the parent's position use is the first tokens);
   - the RoPE conversions (model/load/convert.py): table dropped (the published E5-RoPE recipe), + fold the mean,
-    + rotary-aware q/k basis, + position 0 folded into [CLS]; and the last one with rotary switched off
-    (the content-only model the basis aims at).
+    + rotary-aware q/k basis, + position 0 folded into [CLS], + positions 1..3 / 1..15 kept for the first tokens
+    (`leading_positions`, leaves the E5-RoPE layout); and the [CLS] one with rotary switched off (the
+    content-only model the basis aims at).
 
     python bench/conversion.py [--data BEIR_DIR] [--json out.json]
 
@@ -97,14 +98,20 @@ def main() -> int:
         ("RoPE: + rotary-aware q/k basis", dict(fold_positions=args.fold, rotary_basis=True)),
         ("RoPE: + position 0 folded into [CLS]", dict(fold_positions=args.fold, rotary_basis=True,
                                                      first_token_id=cls)),
+        ("RoPE: + positions 1..3 kept for the first tokens (--keep-positions 4)",
+         dict(fold_positions=args.fold, rotary_basis=True, first_token_id=cls, keep_positions=4)),
+        ("RoPE: + positions 1..15 kept for the first tokens (--keep-positions 16)",
+         dict(fold_positions=args.fold, rotary_basis=True, first_token_id=cls, keep_positions=16)),
     ]
     model = None
     for name, kw in variants:
         model = from_bert(parent, **kw).eval()
         record(name, RopeBertEncoder(model, settings), conversion=kw)
     M.ROPE_IMPLS["identity"] = lambda q, k, ctx: (q, k)  # rotary off: the content-only model
+    model = from_bert(parent, **variants[3][1]).eval()
     model.config.rope_impl = "identity"
-    record("the last one with rotary switched off (content-only bound)", RopeBertEncoder(model, settings))
+    record("position 0 in [CLS] (no kept positions), rotary switched off (content-only bound)",
+           RopeBertEncoder(model, settings))
     del M.ROPE_IMPLS["identity"]
 
     print("\n| system | nDCG@10 | MRR@10 |\n|---|---|---|")

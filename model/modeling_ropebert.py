@@ -3,6 +3,7 @@
 embeddings applied to q and k in every layer.
 
     embeddings:  word + token_type -> LayerNorm -> dropout                 (no position table)
+                 (+ config.leading_positions K > 0: an absolute vector for each sequence's first K tokens only)
     each layer:  x -> q, k, v projections; rotary(q), rotary(k) (rotate-half pairing)
                  attn = softmax(q k^T / sqrt(d) + padding mask) v
                  x = LayerNorm(x + dropout(dense(attn)))                   (post-LN)
