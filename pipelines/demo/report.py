@@ -98,8 +98,9 @@ def write_summary(out: Path) -> str:
             for name, r in (("stage 1", s1), ("stage 2", s2)):
                 if r:
                     gap = 100 * (ape["ndcg@10"] - r["ndcg@10"])
+                    where = f"{gap:.1f} points below" if gap > 0 else f"{-gap:.1f} points above"
                     checks.append(f"- {name} within 1.0 nDCG@10 point of the APE parent on {label} "
-                                  f"({r['ndcg@10']:.4f} vs {ape['ndcg@10']:.4f}, {gap:+.1f} points below): "
+                                  f"({r['ndcg@10']:.4f} vs {ape['ndcg@10']:.4f}, {where}): "
                                   f"{'yes' if gap <= 1.0 else 'NO'}")
     for task, res in (("Passkey", pk), ("Needle (MS MARCO passages in Paul Graham essays)", nd)):
         if res is None:

@@ -94,3 +94,15 @@ def test_fresh_refuses_a_directory_the_demo_did_not_create(tmp_path):
     with pytest.raises(UserError, match="not a `ropebert demo` artifact directory"):
         main(["--out", str(tmp_path), "--fresh"])
     assert (tmp_path / "mine.txt").read_text() == "a user's file"
+
+
+def test_summary_states_the_gap_to_the_parent_on_ms_marco(tmp_path):
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    models = [("st:/x/ape", 0.80), (str(tmp_path / "minilm-rope"), 0.7), (str(tmp_path / "models/stage1"), 0.795),
+              (str(tmp_path / "models/stage2"), 0.81)]
+    (ev / "docstrings.json").write_text(json.dumps(_retrieval(models)))
+    (ev / "msmarco.json").write_text(json.dumps(_retrieval(models)))
+    text = write_summary(tmp_path)
+    assert "stage 1 within 1.0 nDCG@10 point of the APE parent on MS MARCO (0.7950 vs 0.8000, 0.5 points below): yes" in text
+    assert "stage 2 within 1.0 nDCG@10 point of the APE parent on MS MARCO (0.8100 vs 0.8000, 1.0 points above): yes" in text
