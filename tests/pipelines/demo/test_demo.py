@@ -31,12 +31,18 @@ def _retrieval(names_scores):
     }
 
 
-def test_summary_from_eval_files(tmp_path):
+def _eval_dir(tmp_path, ndcg, *files):
+    """eval/ with retrieval results (parent, untrained, stage 1, stage 2 at these nDCG@10) in each of `files`."""
     ev = tmp_path / "eval"
     ev.mkdir()
-    models = [("st:/x/ape", 0.9), (str(tmp_path / "minilm-rope"), 0.5), (str(tmp_path / "models/stage1"), 0.8),
-              (str(tmp_path / "models/stage2"), 0.79)]
-    (ev / "docstrings.json").write_text(json.dumps(_retrieval(models)))
+    names = ("st:/x/ape", str(tmp_path / "minilm-rope"), str(tmp_path / "models/stage1"), str(tmp_path / "models/stage2"))
+    for f in files:
+        (ev / f).write_text(json.dumps(_retrieval(list(zip(names, ndcg)))))
+    return ev
+
+
+def test_summary_from_eval_files(tmp_path):
+    ev = _eval_dir(tmp_path, (0.9, 0.5, 0.8, 0.79), "docstrings.json")
     lengths = [256, 2048]
     pk = {"settings": {"lengths": lengths, "num_queries": 10, "num_docs": 10},
           "results": [{"method": m, "metrics": {"acc@1": {"256": 1.0, "2048": a}, "acc@1_avg": (1 + a) / 2}}
@@ -97,12 +103,7 @@ def test_fresh_refuses_a_directory_the_demo_did_not_create(tmp_path):
 
 
 def test_summary_states_the_gap_to_the_parent_on_ms_marco(tmp_path):
-    ev = tmp_path / "eval"
-    ev.mkdir()
-    models = [("st:/x/ape", 0.80), (str(tmp_path / "minilm-rope"), 0.7), (str(tmp_path / "models/stage1"), 0.795),
-              (str(tmp_path / "models/stage2"), 0.81)]
-    (ev / "docstrings.json").write_text(json.dumps(_retrieval(models)))
-    (ev / "msmarco.json").write_text(json.dumps(_retrieval(models)))
+    _eval_dir(tmp_path, (0.80, 0.7, 0.795, 0.81), "docstrings.json", "msmarco.json")
     text = write_summary(tmp_path)
     assert "stage 1 within 1.0 nDCG@10 point of the APE parent on MS MARCO (0.7950 vs 0.8000, 0.5 points below): yes" in text
     assert "stage 2 within 1.0 nDCG@10 point of the APE parent on MS MARCO (0.8100 vs 0.8000, 1.0 points above): yes" in text
