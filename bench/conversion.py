@@ -92,23 +92,20 @@ def main() -> int:
         table.copy_(orig)
 
     cls = AutoTokenizer.from_pretrained(parent).cls_token_id
+    with_cls = dict(fold_positions=args.fold, rotary_basis=True, first_token_id=cls)
     variants = [
         ("RoPE: position table dropped (E5-RoPE as published)", {}),
         (f"RoPE: + mean of {args.fold} positions folded", dict(fold_positions=args.fold)),
         ("RoPE: + rotary-aware q/k basis", dict(fold_positions=args.fold, rotary_basis=True)),
-        ("RoPE: + position 0 folded into [CLS]", dict(fold_positions=args.fold, rotary_basis=True,
-                                                     first_token_id=cls)),
-        ("RoPE: + positions 1..3 kept for the first tokens (--keep-positions 4)",
-         dict(fold_positions=args.fold, rotary_basis=True, first_token_id=cls, keep_positions=4)),
-        ("RoPE: + positions 1..15 kept for the first tokens (--keep-positions 16)",
-         dict(fold_positions=args.fold, rotary_basis=True, first_token_id=cls, keep_positions=16)),
+        ("RoPE: + position 0 folded into [CLS]", with_cls),
+        ("RoPE: + positions 1..3 kept for the first tokens (--keep-positions 4)", dict(with_cls, keep_positions=4)),
+        ("RoPE: + positions 1..15 kept for the first tokens (--keep-positions 16)", dict(with_cls, keep_positions=16)),
     ]
-    model = None
     for name, kw in variants:
         model = from_bert(parent, **kw).eval()
         record(name, RopeBertEncoder(model, settings), conversion=kw)
     M.ROPE_IMPLS["identity"] = lambda q, k, ctx: (q, k)  # rotary off: the content-only model
-    model = from_bert(parent, **variants[3][1]).eval()
+    model = from_bert(parent, **with_cls).eval()
     model.config.rope_impl = "identity"
     record("position 0 in [CLS] (no kept positions), rotary switched off (content-only bound)",
            RopeBertEncoder(model, settings))

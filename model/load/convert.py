@@ -99,38 +99,32 @@ def from_bert(path_or_model, rope_theta: float = 10000.0, fold_positions: int = 
             dropped.append(k)
             continue
         converted[name] = v
+    table = next((v for k, v in state.items() if k.endswith("embeddings.position_embeddings.weight")), None)  # (P, C)
+    we = next((k for k in converted if k.endswith("embeddings.word_embeddings.weight")), None)
+    mean = 0.0  # the folded mean of the first fold_positions vectors (0: nothing folded)
     if fold_positions:
-        table = next((v for k, v in state.items() if k.endswith("embeddings.position_embeddings.weight")), None)
         tt = next((k for k in converted if k.endswith("embeddings.token_type_embeddings.weight")), None)
         if table is None or tt is None:
             raise InputError(f"from_bert: fold_positions needs {src}'s position table and token-type embeddings")
         if not 0 < int(fold_positions) <= table.shape[0]:
             raise InputError(f"from_bert: fold_positions must be in 1..{table.shape[0]}, got {fold_positions}")
-        converted[tt] = converted[tt] + table[: int(fold_positions)].float().mean(0).to(converted[tt].dtype)
+        mean = table[: int(fold_positions)].float().mean(0)  # (C,)
+        converted[tt] = converted[tt] + mean.to(converted[tt].dtype)
     if first_token_id is not None:
-        table = next((v for k, v in state.items() if k.endswith("embeddings.position_embeddings.weight")), None)
-        we = next((k for k in converted if k.endswith("embeddings.word_embeddings.weight")), None)
         if table is None or we is None:
             raise InputError(f"from_bert: first_token_id needs {src}'s position table and word embeddings")
         if not 0 <= int(first_token_id) < converted[we].shape[0]:
             raise InputError(f"from_bert: first_token_id {first_token_id} is not in {src}'s vocabulary "
                              f"(0..{converted[we].shape[0] - 1})")
-        p0 = table[0].float()
-        if fold_positions:
-            p0 = p0 - table[: int(fold_positions)].float().mean(0)
         converted[we] = converted[we].clone()
-        converted[we][int(first_token_id)] += p0.to(converted[we].dtype)
+        converted[we][int(first_token_id)] += (table[0].float() - mean).to(converted[we].dtype)
     if keep_positions:
-        table = next((v for k, v in state.items() if k.endswith("embeddings.position_embeddings.weight")), None)
-        we = next((k for k in converted if k.endswith("embeddings.word_embeddings.weight")), None)
         if table is None or we is None:
             raise InputError(f"from_bert: keep_positions needs {src}'s position table")
         if keep_positions > table.shape[0]:
             raise InputError(f"from_bert: keep_positions must be in 0..{table.shape[0]} (the position table of "
                              f"{src}), got {keep_positions}")
-        lead = table[:keep_positions].float().clone()  # (K, C)
-        if fold_positions:
-            lead -= table[: int(fold_positions)].float().mean(0)
+        lead = table[:keep_positions].float() - mean  # (K, C), a new tensor
         if first_token_id is not None:
             lead[0] = 0.0  # position 0 is in the first token's word embedding already
         converted[we.replace("word_embeddings", "leading_position_embeddings")] = lead.to(table.dtype)
