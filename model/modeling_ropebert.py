@@ -476,6 +476,87 @@ def self_extend_chunked(q, k, v, ctx: AttentionContext, chunk: int = 512):
     return _from_bhld(out.to(v.dtype), ctx.packed)
 
 
+def _flash_cpu():
+    """aten's CPU flash attention returning (out, logsumexp), or None where this torch lacks it."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _band_attention(flash, q, k, v, w: int, scale: float, chunk: int = 256):
+    """Attention restricted to |i - j| < w, (H, n, D) fp32 -> (out (H, n, D), lse (H, n)); blocks of `chunk`
+    queries see only their keys (s0 - w, s1 + w), through the CPU flash op with the band as its mask."""
+    H, n, D = q.shape
+    out, lse = torch.empty_like(q), torch.empty(H, n, dtype=q.dtype, device=q.device)
+    idx = torch.arange(n, device=q.device)
+    for s0 in range(0, n, chunk):
+        s1 = min(s0 + chunk, n)
+        a, b = max(0, s0 - w + 1), min(n, s1 + w - 1)
+        band = (idx[s0:s1, None] - idx[None, a:b]).abs() < w  # (c, nk): every row keeps j = i
+        bias = torch.zeros(band.shape, dtype=q.dtype, device=q.device).masked_fill_(~band, float("-inf"))
+        o, l = flash(q[None, :, s0:s1], k[None, :, a:b], v[None, :, a:b], 0.0, False, attn_mask=bias, scale=scale)
+        out[:, s0:s1], lse[:, s0:s1] = o[0], l[0]
+    return out, lse
+
+
+def self_extend_split(q, k, v, ctx: AttentionContext):
+    """SelfExtend as three partial attentions merged by log-sum-exp (as self_extend_flex), each one dense and
+    fused on the CPU: per sequence of n tokens,
+      window  |i - j| < w, q and k at p            a band, `chunk` queries at a time
+      lower   j <= i - w, q at p//g + w - w//g, k at p//g: causal attention of queries [w, n) on keys [0, n - w)
+      upper   j >= i + w, q at p//g, k at p//g + w - w//g: the same on both reversed (causal again)
+    with aten's CPU flash attention, which skips the masked half of a causal map and returns the log-sum-exp.
+    Sequences within the original length take plain attention. Falls back to the query-chunked formula where
+    this torch lacks the CPU flash op, or when a padded row's real tokens are not contiguous."""
+    flash = _flash_cpu()
+    mask = ctx.attention_mask
+    if flash is None or q.device.type != "cpu":
+        return self_extend_chunked(q, k, v, ctx)
+    if not ctx.packed:
+        first = mask.float().argmax(dim=-1)  # (B,) first real token
+        if bool((mask.sum(-1) != ctx.seqlens).any()) or not bool(
+                (mask.long().cumsum(-1).gather(1, (first + ctx.seqlens.long() - 1).clamp(min=0)[:, None])[:, 0]
+                 == ctx.seqlens.long()).all()):
+            return self_extend_chunked(q, k, v, ctx)
+    g, w = ctx.self_extend
+    rots = _self_extend_rotations(q, k, ctx)  # (q_p, k_p), (q_g, k_g), (q_gs, k_gs)
+    out = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    if ctx.packed:
+        starts = ctx.cu_seqlens[:-1].tolist()
+    else:
+        starts = first.tolist()
+    for b, (s0, n) in enumerate(zip(starts, ctx.seqlens.tolist())):
+        if n == 0:
+            continue
+
+        def seq(x):  # (H, n, D) fp32 of sequence b
+            x = x[s0 : s0 + n] if ctx.packed else x[b, s0 : s0 + n]
+            return x.transpose(0, 1).float()
+
+        (qp, kp), (qg, kg), (qs, ks) = ((seq(a), seq(c)) for a, c in rots)
+        vv = seq(v)
+        if n <= ctx.original_length:  # plain attention
+            o = flash(qp[None], kp[None], vv[None], 0.0, False, scale=ctx.scale)[0][0]
+        else:
+            parts = [_band_attention(flash, qp, kp, vv, w, ctx.scale)]
+            m = n - w
+            if m > 0:
+                neg = torch.full((qp.shape[0], w), float("-inf"), dtype=torch.float32, device=v.device)
+                pad = torch.zeros(qp.shape[0], w, vv.shape[-1], dtype=torch.float32, device=v.device)
+                o_lo, l_lo = flash(qs[None, :, w:], kg[None, :, :m], vv[None, :, :m], 0.0, True, scale=ctx.scale)
+                parts.append((torch.cat([pad, o_lo[0]], 1), torch.cat([neg, l_lo[0].float()], 1)))
+                r = lambda x: x.flip(1)  # noqa: E731  reverse the token order
+                o_up, l_up = flash(r(qg[:, :m])[None], r(ks[:, w:])[None], r(vv[:, w:])[None], 0.0, True,
+                                   scale=ctx.scale)
+                parts.append((torch.cat([r(o_up[0]), pad], 1), torch.cat([l_up[0].float().flip(1), neg], 1)))
+            lse = torch.stack([l for _, l in parts]).logsumexp(dim=0)  # (H, n): every row has its own key
+            o = sum(torch.exp(l - lse)[..., None] * oo for oo, l in parts)
+        o = o.transpose(0, 1)  # (n, H, D)
+        if ctx.packed:
+            out[s0 : s0 + n] = o
+        else:
+            out[b, s0 : s0 + n] = o
+    return out.to(v.dtype)
+
+
 def _flex():
     """flex_attention, compiled on first GPU use (fused, block-sparse); None on torch < 2.5."""
     try:
@@ -549,10 +630,11 @@ def self_extend_flex(q, k, v, ctx: AttentionContext):
 
 def self_extend_fused(q, k, v, ctx: AttentionContext):
     """SelfExtend for every backend but "eager": compiled FlexAttention partials where FlexAttention compiles
-    (GPU), else the query-chunked formula (CPU; also when FlexAttention is missing)."""
+    (GPU), else three dense partials per sequence through the CPU flash kernel (self_extend_split), else the
+    query-chunked formula."""
     if q.device.type in FLEX_COMPILE_DEVICES and _flex() is not None:
         return self_extend_flex(q, k, v, ctx)
-    return self_extend_chunked(q, k, v, ctx)
+    return self_extend_split(q, k, v, ctx)
 
 
 # "eager" = reference (used with attn_backend="eager"), "fused" = what every other backend uses
@@ -561,6 +643,7 @@ SELF_EXTEND_IMPLS: dict[str, Callable] = {
     "fused": self_extend_fused,
     "flex": self_extend_flex,
     "chunked": self_extend_chunked,
+    "split": self_extend_split,
 }
 
 

@@ -222,8 +222,8 @@ def test_self_extend_fused_matches_eager_reference(lengths, backend):
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_self_extend_partials_match_eager_at_attention_level(packed):
-    """The FlexAttention (LSE-merged partials) and query-chunked implementations vs the eager reference,
-    on a batch mixing a long sequence, a short one (plain attention) and padding."""
+    """The FlexAttention (LSE-merged partials), query-chunked and split (CPU flash partials) implementations vs the eager
+    reference, on a batch mixing a long sequence, a short one (plain attention) and padding."""
     torch.manual_seed(0)
     lengths, H, D = [700, 300], 2, 16
     L = max(lengths)
@@ -246,6 +246,7 @@ def test_self_extend_partials_match_eager_at_attention_level(packed):
         "flex": SELF_EXTEND_IMPLS["flex"],
         "chunked": SELF_EXTEND_IMPLS["chunked"],
         "chunked-37": lambda *a: SELF_EXTEND_IMPLS["chunked"](*a, chunk=37),  # blocks not aligned to w
+        "split": SELF_EXTEND_IMPLS["split"],
     }
     for impl, fn in impls.items():
         got = fn(q, k, v, ctx)
