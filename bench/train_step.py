@@ -277,9 +277,9 @@ def _adamw(named_params, lr=1e-5, weight_decay=0.01):
 
 def build_ropebert(model_dir: str, groups: dict, args, device: torch.device, teacher: bool = False,
                    moe: bool = False):
-    """The module's own step (training_step without Lightning): teacher embeddings chunk by chunk without a
-    graph, then contrastive_step with the module's embed function (the token-level hidden term inside each
-    chunk's replay) and loss function, both wrapped by the MoE load-balancing term (a no-op for a dense model).
+    """The module's own step (training_step without Lightning): the module's step functions (_step_functions: the
+    teacher once per text, its token-level term inside each chunk's replay under GradCache), both wrapped by the
+    MoE load-balancing term (a no-op for a dense model), through contrastive_step.
     moe: the module built with model.moe = MOE_SETTING (DIR upcycled)."""
     from ropebert.pipelines.train.gradcache import allreduce_gradients, contrastive_step
     from ropebert.pipelines.train.module import RopeBertContrastive
@@ -298,15 +298,11 @@ def build_ropebert(model_dir: str, groups: dict, args, device: torch.device, tea
     autocast = dtype != torch.float32
     feats = {k: {"input_ids": g["input_ids"], "attention_mask": g["attention_mask"]} for k, g in groups.items()}
     real = sum(int(g["attention_mask"].sum()) for g in groups.values())
-    n_texts = sum(int(g["input_ids"].shape[0]) for g in groups.values())
 
     def step() -> float:
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            teacher_embs = mod._teacher_embeddings(feats)
-            mod._moe.begin_step()
-            cached = args.chunk is not None and any(g["input_ids"].shape[0] > args.chunk for g in feats.values())
-            res = contrastive_step(mod._moe.wrap_embed(mod._embed_fn(n_texts), cached), feats,
-                                   mod._moe.wrap_loss(mod._loss_fn({}, teacher_embs)), chunk_size=args.chunk)
+            embed, loss_fn, _ = mod._step_functions({}, feats)
+            res = contrastive_step(embed, feats, loss_fn, chunk_size=args.chunk)
         if res.finite:
             mod._moe.check_replay()
             allreduce_gradients(params)

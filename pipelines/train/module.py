@@ -24,7 +24,7 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import lightning as L
 import torch
@@ -466,10 +466,12 @@ class RopeBertContrastive(L.LightningModule):
                 t.to(torch.bfloat16)
         return t
 
-    def _embed_fn(self, n_texts: int):
+    def _embed_fn(self, n_texts: int, teacher_pooled: Optional[dict] = None, names: Optional[dict] = None):
         """The step's embed function. With teacher_hidden_weight, a pass with graph also returns the chunk's
         hidden-state alignment loss (weighted, normalised by the step's n_texts) for GradCache to backpropagate
-        inside the chunk; the graph-less GradCache pass returns the embeddings only."""
+        inside the chunk; the graph-less GradCache pass returns the embeddings only.
+        teacher_pooled / names (the uncached step): the teacher's pooled embeddings of the same forward are stored
+        in teacher_pooled[names[id(input_ids)]], so the embed / score terms need no second teacher forward."""
         hp = self.hparams
         if not (self._teacher is not None and hp.teacher_hidden_weight):
             return self._embed
@@ -480,11 +482,34 @@ class RopeBertContrastive(L.LightningModule):
             pooled, hs = student_hidden(self.model, ids, mask)
             if self._layers:
                 pooled = layer_embeddings(self.model, ids, mask, self._layers, hidden=hs)  # (N, S, D)
-            _, ths, _ = self._teacher_on(ids.device)(ids, mask, hidden=True)
+            tpooled, ths, _ = self._teacher_on(ids.device)(ids, mask, hidden=True)
+            if teacher_pooled is not None:
+                teacher_pooled[names[id(ids)]] = tpooled.float()
             per_example = hidden_alignment(hs, ths, mask, self._layer_map, hp.teacher_hidden_kind)  # (N,)
             return pooled, hp.teacher_hidden_weight * per_example.sum() / n_texts
 
         return embed
+
+    def _step_functions(self, batch: dict, groups: dict) -> tuple[Callable, Callable, bool]:
+        """(embed function, loss function, cached) of one step over `groups`, as contrastive_step takes them
+        (MoE-wrapped; a no-op for a dense model). The teacher runs once per text: with GradCache (cached) its
+        pooled embeddings are computed chunk by chunk without a graph before the step and the token-level term
+        inside each chunk's replay; without it, one forward per group gives both."""
+        hp = self.hparams
+        n_texts = sum(int(g["input_ids"].shape[0]) for g in groups.values())
+        cached = hp.gradcache_chunk is not None and any(g["input_ids"].shape[0] > hp.gradcache_chunk
+                                                        for g in groups.values())  # contrastive_step's own test
+        one_pass = (not cached and self._teacher is not None and bool(hp.teacher_hidden_weight)
+                    and bool(hp.teacher_embed_weight or hp.teacher_score_weight))
+        if one_pass:
+            teacher_embs: dict = {}
+            embed = self._embed_fn(n_texts, teacher_embs, {id(g["input_ids"]): k for k, g in groups.items()})
+        else:
+            teacher_embs = self._teacher_embeddings(groups)
+            embed = self._embed_fn(n_texts)
+        self._moe.begin_step()
+        return (self._moe.wrap_embed(embed, cached), self._moe.wrap_loss(self._loss_fn(batch, teacher_embs)),
+                cached)
 
     def _teacher_embeddings(self, groups: dict) -> dict[str, torch.Tensor]:
         """Pooled teacher embeddings of every group, chunk by chunk, without a graph (embed / score terms)."""
@@ -501,7 +526,7 @@ class RopeBertContrastive(L.LightningModule):
     def _loss_fn(self, batch: dict, teacher_embs: Optional[dict] = None):
         hp = self.hparams
         teacher = batch.get("teacher_scores") if (hp.stage == "finetune" and hp.distill) else None
-        t = teacher_embs or {}
+        t = teacher_embs if teacher_embs is not None else {}  # filled during the step by a one-pass embed
         shard_t = getattr(self, "_shard_score_temperature", None) or hp.teacher_temperature or 1.0
         mdims, mweights = self._matryoshka or (None, None)
         hashes = batch.get("hashes") if hp.mask_false_negatives else None
@@ -541,14 +566,8 @@ class RopeBertContrastive(L.LightningModule):
                 raise InputError("stage 2 (model.stage=finetune) got a batch without negatives")
             groups["negatives"] = batch["negatives"]
         t0 = time.perf_counter()
-        n_texts = sum(int(g["input_ids"].shape[0]) for g in groups.values())
-        teacher_embs = self._teacher_embeddings(groups)
-        cached = hp.gradcache_chunk is not None and any(g["input_ids"].shape[0] > hp.gradcache_chunk
-                                                        for g in groups.values())  # contrastive_step's own test
-        self._moe.begin_step()
-        res = contrastive_step(self._moe.wrap_embed(self._embed_fn(n_texts), cached), groups,
-                               self._moe.wrap_loss(self._loss_fn(batch, teacher_embs)),
-                               chunk_size=hp.gradcache_chunk, backward=self.manual_backward)
+        embed, loss_fn, _ = self._step_functions(batch, groups)
+        res = contrastive_step(embed, groups, loss_fn, chunk_size=hp.gradcache_chunk, backward=self.manual_backward)
         if res.finite:
             self._moe.check_replay()
         params = [p for p in self.parameters() if p.requires_grad]

@@ -97,7 +97,7 @@ class Teacher(nn.Module):
             tok = self.encoder.tokenizer
         else:
             self.encoder = AutoModel.from_pretrained(str(model_dir), config=AutoConfig.from_pretrained(str(model_dir)),
-                                                     attn_implementation="eager")
+                                                     attn_implementation="sdpa")
             self.kind = "hf"
             mp = getattr(self.encoder.config, "max_position_embeddings", None)
             pet = getattr(self.encoder.config, "position_embedding_type", "absolute")

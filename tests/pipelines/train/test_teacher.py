@@ -108,9 +108,8 @@ WEIGHTS = dict(teacher_hidden_weight=1.0, teacher_embed_weight=0.5, teacher_scor
 
 def _step(m):
     groups = _groups()
-    n = sum(g["input_ids"].shape[0] for g in groups.values())
-    return contrastive_step(m._embed_fn(n), groups, m._loss_fn({}, m._teacher_embeddings(groups)),
-                            chunk_size=m.hparams.gradcache_chunk)
+    embed, loss_fn, _ = m._step_functions({}, groups)
+    return contrastive_step(embed, groups, loss_fn, chunk_size=m.hparams.gradcache_chunk)
 
 
 @pytest.mark.parametrize("contrastive_weight", [1.0, 0.0], ids=["infonce", "pure-distillation"])
@@ -131,6 +130,24 @@ def test_gradcache_equals_uncached_with_teacher(tiny_bert_dir, contrastive_weigh
     assert not any("teacher" in k for k in gc.state_dict())
     params = {id(p) for p in gc.parameters()}
     assert not any(id(p) in params for p in gc._teacher.parameters())
+
+
+@pytest.mark.parametrize("chunk", [None, 2], ids=["uncached", "gradcache"])
+def test_teacher_runs_once_per_text(tiny_bert_dir, chunk):
+    """Uncached: one teacher forward per group gives the hidden states and the pooled embeddings; GradCache: the
+    pooled embeddings chunk by chunk before the step and the hidden states in each chunk's replay."""
+    m = _module(tiny_bert_dir, tiny_bert_dir, chunk, **WEIGHTS)
+    rows = []
+    enc = m._teacher.encoder
+    handle = enc.register_forward_hook(lambda mod, args, kwargs, out: rows.append(int(kwargs["input_ids"].shape[0])),
+                                       with_kwargs=True)
+    try:
+        assert _step(m).finite
+    finally:
+        handle.remove()
+    n = sum(g["input_ids"].shape[0] for g in _groups().values())
+    assert sum(rows) == (n if chunk is None else 2 * n), rows
+    assert len(rows) == (2 if chunk is None else 2 * (n // chunk)), rows
 
 
 def test_each_term_changes_the_gradient(tiny_bert_dir):
