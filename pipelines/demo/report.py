@@ -66,10 +66,16 @@ def write_summary(out: Path) -> str:
     lines = ["# ropebert demo summary", ""]
 
     d_rows, m_rows = _retrieval_rows(doc), _retrieval_rows(ms)
+    ms_label = "MS MARCO"
+    if ms is not None:
+        st = ms["data_stats"]
+        n_file = st.get("num_corpus_file", st["num_corpus"])
+        if st["num_corpus"] < n_file:  # `--max-docs`: every judged passage + a seeded sample of the others
+            ms_label = f"MS MARCO ({st['num_corpus']} of {n_file} passages)"
     order = [n for n in [_name("st:"), _name("bm25"), *DISPLAY.values()] if n in d_rows or n in m_rows]
     header = ["system", "held-out docstrings nDCG@10", "MRR@10"]
     if ms is not None:
-        header += ["MS MARCO nDCG@10", "MRR@10", "Recall@100"]
+        header += [f"{ms_label} nDCG@10", "MRR@10", "Recall@100"]
     rows = []
     for n in order:
         row = [n]
@@ -81,20 +87,27 @@ def write_summary(out: Path) -> str:
         rows.append(row)
     if doc is not None:
         s = doc["data_stats"]
+        if ms is None:
+            ms_text = "; MS MARCO: ../shared/data absent"
+        else:
+            st = ms["data_stats"]
+            n_file = st.get("num_corpus_file", st["num_corpus"])
+            ms_text = (f"; MS MARCO subset: {st['num_queries_judged']} queries, "
+                       + (f"the full {n_file} passages" if st["num_corpus"] >= n_file else
+                          f"{st['num_corpus']} of its {n_file} passages (every judged passage + a seeded sample; "
+                          "`ropebert demo --full-eval` for the full corpus)"))
         lines.append(f"Retrieval (held-out docstrings: {s['num_queries_judged']} queries, {s['num_corpus']} documents"
-                     + (f"; MS MARCO subset: {ms['data_stats']['num_queries_judged']} queries, "
-                        f"{ms['data_stats']['num_corpus']} passages" if ms else "; MS MARCO: ../shared/data absent")
-                     + ")")
+                     + ms_text + ")")
         lines += ["", markdown_table(header, rows), ""]
 
     checks = []
-    for label, rows_ in (("held-out docstrings", d_rows), ("MS MARCO", m_rows)):
+    for label, rows_ in (("held-out docstrings", d_rows), (ms_label, m_rows)):
         s1, s2, ape = rows_.get(DISPLAY["stage1"]), rows_.get(DISPLAY["stage2"]), rows_.get(_name("st:"))
         if s1 and s2:
             ok = s2["ndcg@10"] >= s1["ndcg@10"]
             checks.append(f"- stage 2 {'>=' if ok else '<'} stage 1 on {label} "
                           f"(nDCG@10 {s2['ndcg@10']:.4f} vs {s1['ndcg@10']:.4f}): {'yes' if ok else 'NO'}")
-        if ape and label == "MS MARCO":
+        if ape and label == ms_label:
             for name, r in (("stage 1", s1), ("stage 2", s2)):
                 if r:
                     gap = 100 * (ape["ndcg@10"] - r["ndcg@10"])

@@ -8,16 +8,21 @@ Steps (each one a `ropebert ...` command you could run yourself; they are printe
                each head's q/k re-based onto the slow rotary frequencies)
   2. shards    stage-1 pairs from the embedded docstring source (train split) artifacts/shards/stage1
                + held-out docstring pairs as a BEIR directory                   artifacts/eval/docstrings-heldout
-  3. stage 1   in-batch negatives through GradCache + distillation from the APE parent as a frozen teacher
+  3. stage 1   in-batch negatives + distillation from the APE parent as a frozen teacher
                (token-level hidden states, pooled embeddings, in-batch score rows) configs/demo/pretrain.yaml
   4. mine      hard negatives with the stage-1 model, scored by the APE parent  artifacts/shards/stage2
                (`ropebert mine` then `ropebert score`)
   5. stage 2   1 positive + 7 hard negatives, KL to the parent's scores + the teacher terms  configs/demo/finetune.yaml
   6. export    stage-1 / stage-2 checkpoints -> HF dirs; reload stage 2 with plain transformers in a fresh
                process (ropebert not importable there) and compare embeddings
-  7. evaluate  held-out docstring retrieval and (when ../shared/data exists) the FULL MS MARCO subset for the APE
-               parent, the converted-untrained model, stage 1 and stage 2 (+ BM25); passkey and the real-data
-               needle task at 256-4096 tokens under none / ntk / selfextend, beside the APE parent truncated at 512
+  7. evaluate  held-out docstring retrieval of the APE parent, the converted-untrained model, stage 1 and stage 2;
+               when ../shared/data exists, MS MARCO (the APE parent, stage 1, stage 2 and BM25 on 1,000 of its
+               5,000 passages: every judged passage + a seeded sample) and the real-data needle task; passkey.
+               Needle and passkey at 256-4096 tokens under none / ntk / selfextend, beside the APE parent truncated
+               at 512, 5 queries x 5 documents per length.
+               `--full-eval`: the FULL MS MARCO subset (5,000 passages) for every system (+ the untrained model)
+               and needle / passkey at 20 queries x 20 documents per length (about 45 minutes more on 2 CPU
+               cores; the figures BENCHMARKS.md reports)
   8. summary   one table (artifacts/demo_summary.md) and plots (artifacts/plots/)
 No prefixes anywhere: the APE parent was trained without them, and the teacher reads the student's tokens.
 `--steps N` trains stage 1 for N steps instead of the config's (a longer run). `--curve K` keeps every K-th
@@ -26,7 +31,7 @@ docstrings and, when present, the full MS MARCO subset) to the summary.
 
 Every finished step leaves a marker in artifacts/.demo/; running the demo again skips finished steps and
 resumes training from the last checkpoint, so an interrupted `make demo` (Ctrl-C) continues where it stopped.
-`--fresh` starts over.
+A step whose settings changed (`--full-eval` after a default run) runs again; `--fresh` starts over.
 """
 
 from __future__ import annotations
@@ -56,7 +61,10 @@ NO_PREFIXES = ("--query-prefix", "", "--passage-prefix", "")
 
 class Demo:
     def __init__(self, out: Path, shared: Optional[Path], quick: bool, steps: Optional[int] = None,
-                 curve: Optional[int] = None):
+                 curve: Optional[int] = None, full_eval: bool = False):
+        if quick and full_eval:
+            raise UserError("--quick and --full-eval contradict each other: choose one")
+        self.full_eval = full_eval
         self.steps = steps
         self.curve = curve
         self.out = out
@@ -79,16 +87,22 @@ class Demo:
         if r.returncode != 0:
             raise UserError(f"demo step failed (exit {r.returncode}): {shown}")
 
-    def step(self, name: str, fn: Callable[[], None]) -> None:
+    def step(self, name: str, fn: Callable[[], None], settings: Optional[dict] = None) -> None:
+        """Run `fn` unless its marker says it finished with the same settings (None: no settings)."""
         mark = self.marks / f"{name}.done"
         if mark.exists():
-            print(f"[demo] {name}: done already ({mark}), skipping", flush=True)
-            return
+            done = json.loads(mark.read_text()).get("settings")
+            if done == settings:
+                print(f"[demo] {name}: done already ({mark}), skipping", flush=True)
+                return
+            print(f"[demo] {name}: done with other settings ({done} -> {settings}), running again", flush=True)
         print(f"\n[demo] === {name} === (t={time.time() - self.t0:.0f}s)", flush=True)
         t = time.time()
         fn()
         self.marks.mkdir(parents=True, exist_ok=True)
-        mark.write_text(json.dumps({"seconds": round(time.time() - t, 1)}))
+        tmp = mark.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"seconds": round(time.time() - t, 1), "settings": settings}))
+        tmp.replace(mark)
         print(f"[demo] {name}: finished in {time.time() - t:.0f}s", flush=True)
 
     # -- steps -----------------------------------------------------------------------------------------------
@@ -176,7 +190,7 @@ class Demo:
     def mine(self):
         self.ropebert("mine", "--model", self.path("models", "stage1"), "--input", self.path("shards", "stage1"),
                       "--format", "shards", "--out", self.path("shards", "stage2-mined"), "--max-queries",
-                      64 if self.quick else 240, "--max-length", 96, "--maxcount", 120, "--on-error", "skip",
+                      64 if self.quick else 160, "--max-length", 96, "--maxcount", 120, "--on-error", "skip",
                       "--query-prefix", "", "--passage-prefix", "", "--overwrite", "--no-progress")
         # the candidates' teacher scores come from the APE parent, not from the weaker stage-1 miner
         self.ropebert("score", self.path("shards", "stage2-mined"), "--teacher", self.ape, "--out",
@@ -213,7 +227,20 @@ class Demo:
             ("stage 2", str(self.path("models", "stage2"))),
         ]
 
+    def eval_settings(self) -> dict:
+        """What `evaluate` measures: MS MARCO corpus size (None = all 5,000 passages) and which systems, needle /
+        passkey queries x documents per length."""
+        if self.quick:
+            return {"msmarco_docs": 300, "msmarco_untrained": False, "needle": [3, 3], "passkey": [4, 4],
+                    "lengths": [256, 512, 1024]}
+        if self.full_eval:
+            return {"msmarco_docs": None, "msmarco_untrained": True, "needle": [20, 20], "passkey": [20, 20],
+                    "lengths": [256, 512, 1024, 2048, 4096]}
+        return {"msmarco_docs": 1000, "msmarco_untrained": False, "needle": [5, 5], "passkey": [5, 5],
+                "lengths": [256, 512, 1024, 2048, 4096]}
+
     def evaluate(self):
+        es = self.eval_settings()
         ev = self.path("eval")
         plots = self.path("plots")
         plots.mkdir(parents=True, exist_ok=True)
@@ -222,12 +249,15 @@ class Demo:
         self.ropebert("eval", "retrieval", "--data", ev / "docstrings-heldout", *model_args, "--baseline", f"st:{ape}",
                       *NO_PREFIXES, "--output", ev / "docstrings.json", "--plot", plots / "docstrings_retrieval.png",
                       "--no-progress")
-        lengths = "256,512,1024" if self.quick else "256,512,1024,2048,4096"
-        if self.shared is not None:  # the FULL MS MARCO subset (test data: evaluated, never trained or tuned on)
-            self.ropebert("eval", "retrieval", "--data", self.shared / "msmarco", *model_args, "--baseline", f"st:{ape}",
-                          "--baseline", "bm25", *NO_PREFIXES, *(["--max-docs", 300] if self.quick else []),
+        lengths = ",".join(map(str, es["lengths"]))
+        if self.shared is not None:  # MS MARCO is test data: evaluated, never trained or tuned on
+            ms_models = [a for name, d in self.models() if es["msmarco_untrained"] or name != "converted (untrained)"
+                         for a in ("--model", d)]
+            docs = [] if es["msmarco_docs"] is None else ["--max-docs", es["msmarco_docs"]]
+            self.ropebert("eval", "retrieval", "--data", self.shared / "msmarco", *ms_models, "--baseline", f"st:{ape}",
+                          "--baseline", "bm25", *NO_PREFIXES, *docs,
                           "--output", ev / "msmarco.json", "--plot", plots / "msmarco_retrieval.png", "--no-progress")
-            n_q, n_d = (3, 3) if self.quick else (10, 10)
+            n_q, n_d = es["needle"]
             self.ropebert("eval", "needle", "--model", self.path("models", "stage2"), "--msmarco", self.shared / "msmarco",
                           "--pg", self.shared / "pg", "--method", "none", "--method", "ntk", "--method", "selfextend",
                           "--baseline", f"st:{ape}", "--lengths", lengths, "--num-queries", n_q, "--num-docs", n_d,
@@ -235,7 +265,7 @@ class Demo:
                           "--no-progress")
         else:
             print("[demo] ../shared/data is absent: skipping MS MARCO retrieval and the needle task")
-        n_q, n_d = (4, 4) if self.quick else (20, 20)
+        n_q, n_d = es["passkey"]
         self.ropebert("eval", "passkey", "--model", self.path("models", "stage2"), "--method", "none", "--method", "ntk",
                       "--method", "selfextend", "--baseline", f"st:{ape}", "--lengths", lengths, "--num-queries", n_q,
                       "--num-docs", n_d, *NO_PREFIXES, "--output", ev / "passkey.json",
@@ -284,6 +314,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="shared data dir with msmarco/ and pg/ (default ../shared/data from the current directory; "
                          "MS MARCO evaluation is skipped when absent)")
     ap.add_argument("--quick", action="store_true", help="smaller data and eval settings (for tests)")
+    ap.add_argument("--full-eval", action="store_true",
+                    help="evaluate on the FULL MS MARCO subset (every system) and needle / passkey at 20 x 20 per "
+                         "length (about 45 minutes more on 2 CPU cores); a finished default evaluation runs again")
     ap.add_argument("--fresh", action="store_true", help="delete the artifact directory and start over")
     ap.add_argument("--steps", type=int, default=None,
                     help="stage-1 optimizer steps (default: configs/demo/pretrain.yaml's max_steps); a longer run")
@@ -302,14 +335,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     for flag, v in (("--steps", args.steps), ("--curve", args.curve)):
         if v is not None and v < 1:
             raise UserError(f"{flag} must be >= 1, got {v}")
-    d = Demo(out, shared, args.quick, args.steps, args.curve)
+    d = Demo(out, shared, args.quick, args.steps, args.curve, args.full_eval)
     steps = [("convert", d.convert), ("shards", d.shards), ("stage1", d.stage1), ("mine", d.mine),
              ("stage2", d.stage2), ("reload", d.reload), ("evaluate", d.evaluate)]
     if args.curve:  # before the long-context evaluation: the curve needs only the kept checkpoints
         steps.insert(-1, ("curve", d.curve_eval))
     try:
         for name, fn in steps:
-            d.step(name, fn)
+            d.step(name, fn, d.eval_settings() if name == "evaluate" else None)
     except KeyboardInterrupt:
         print(f"\n[demo] interrupted; run the same command again to resume (finished steps are kept in {d.marks}, "
               "training continues from its last checkpoint)", file=sys.stderr)

@@ -102,6 +102,7 @@ def load_beir(data_dir: str | Path, split: str = "test", max_queries: Optional[i
     missing_docs = sum(1 for q in qrels.values() for did in q if did not in seen)
     stats = {
         "num_corpus": len(ids),
+        "num_corpus_file": len(beir.corpus),
         "num_queries_file": len(queries),
         "num_queries_judged": len(qids),
         "num_queries_skipped_without_qrels": n_unjudged,

@@ -107,3 +107,32 @@ def test_summary_states_the_gap_to_the_parent_on_ms_marco(tmp_path):
     text = write_summary(tmp_path)
     assert "stage 1 within 1.0 nDCG@10 point of the APE parent on MS MARCO (0.7950 vs 0.8000, 0.5 points below): yes" in text
     assert "stage 2 within 1.0 nDCG@10 point of the APE parent on MS MARCO (0.8100 vs 0.8000, 1.0 points above): yes" in text
+
+
+def test_a_step_runs_again_when_its_settings_change(tmp_path):
+    """`--full-eval` after a default run re-runs the evaluation; the same settings skip it."""
+    calls = []
+    d = Demo(tmp_path, None, quick=False)
+    d.step("evaluate", lambda: calls.append("default"), d.eval_settings())
+    Demo(tmp_path, None, quick=False).step("evaluate", lambda: calls.append("again"), d.eval_settings())
+    full = Demo(tmp_path, None, quick=False, full_eval=True)
+    assert full.eval_settings()["msmarco_docs"] is None and d.eval_settings()["msmarco_docs"] == 1000
+    full.step("evaluate", lambda: calls.append("full"), full.eval_settings())
+    assert calls == ["default", "full"]
+    assert json.loads((tmp_path / ".demo" / "evaluate.done").read_text())["settings"] == full.eval_settings()
+    from ropebert.errors import UserError
+
+    with pytest.raises(UserError, match="--quick and --full-eval"):
+        Demo(tmp_path, None, quick=True, full_eval=True)
+
+
+def test_summary_names_a_reduced_ms_marco_corpus(tmp_path):
+    ev = _eval_dir(tmp_path, (0.80, 0.7, 0.795, 0.81), "docstrings.json", "msmarco.json")
+    ms = json.loads((ev / "msmarco.json").read_text())
+    ms["data_stats"].update(num_corpus=1000, num_corpus_file=5000)
+    (ev / "msmarco.json").write_text(json.dumps(ms))
+    text = write_summary(tmp_path)
+    assert "1000 of its 5000 passages (every judged passage + a seeded sample" in text
+    assert "| MS MARCO (1000 of 5000 passages) nDCG@10 |" in " ".join(text.split("\n")[4].split()).replace("  ", " ")
+    assert "stage 2 >= stage 1 on MS MARCO (1000 of 5000 passages)" in text
+    assert "stage 1 within 1.0 nDCG@10 point of the APE parent on MS MARCO (1000 of 5000 passages)" in text
