@@ -8,8 +8,9 @@
    backward) for triton (CUDA only: the CPU interpreter is no benchmark), torch eager, torch.compile.
 2. Attention fwd+bwd tokens/s for every registered backend that can run here, on a variable-length batch
    (lengths uniform in 32..512), rotary included.
-3. SelfExtend fused (GPU: compiled FlexAttention partials merged by log-sum-exp; CPU: the query-chunked
-   formula, since FlexAttention cannot compile with its lse output on CPU) vs plain attention (sdpa) vs the
+3. SelfExtend fused (GPU: compiled FlexAttention partials merged by log-sum-exp; CPU, where FlexAttention cannot
+   compile with its lse output: self_extend_split, the same three partials as dense band / causal / reversed-causal
+   calls of aten's CPU flash kernel) vs plain attention (sdpa) vs the
    eager three-map reference, forward (inference), time and peak memory per length. Each measurement runs in a fresh
    subprocess (common.run_isolated); peak memory is torch.cuda.max_memory_allocated on GPU and the sampled (1 ms) peak-RSS increase on CPU. The
    reference is skipped where its three fp32 L x L score maps would not fit in --mem-limit-gb. A per-row time
@@ -263,7 +264,8 @@ def main(argv=None):
     print(f"\n## Attention fwd+bwd (rotary included), {n_seqs} sequences, lengths {lo}..{hi}, {T} tokens\n")
     _table("| backend | tokens/s | ms |", rows, "backend", ("tokens_per_s", ",.0f"), ("ms", ".1f"))
 
-    fused = "compiled FlexAttention partials, LSE-merged" if on_gpu else "query-chunked three-map formula, 512 queries/chunk"
+    fused = ("compiled FlexAttention partials, LSE-merged" if on_gpu else
+             "band + causal + reversed-causal CPU flash partials, LSE-merged")
     print(f"\n## SelfExtend (g=9, w=64, original 512) forward, 1 sequence; fused = {fused}; plain = sdpa\n")
     rows = bench_self_extend(device, dtype, lengths, H, D, args.time_cap, mem_limit)
     _table("| length | method | ms | peak MiB |", rows, ("length", "method"), ("ms", ".1f"), ("peak_mib", ".1f"))

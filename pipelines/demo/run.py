@@ -15,23 +15,25 @@ Steps (each one a `ropebert ...` command you could run yourself; they are printe
   5. stage 2   1 positive + 7 hard negatives, KL to the parent's scores + the teacher terms  configs/demo/finetune.yaml
   6. export    stage-1 / stage-2 checkpoints -> HF dirs; reload stage 2 with plain transformers in a fresh
                process (ropebert not importable there) and compare embeddings
-  7. evaluate  held-out docstring retrieval of the APE parent, the converted-untrained model, stage 1 and stage 2;
-               when ../shared/data exists, MS MARCO (the APE parent, stage 1, stage 2 and BM25 on 1,000 of its
-               5,000 passages: every judged passage + a seeded sample) and the real-data needle task; passkey.
-               Needle and passkey at 256-4096 tokens under none / ntk / selfextend, beside the APE parent truncated
-               at 512, 5 queries x 5 documents per length.
-               `--full-eval`: the FULL MS MARCO subset (5,000 passages) for every system (+ the untrained model)
-               and needle / passkey at 20 queries x 20 documents per length (about 45 minutes more on 2 CPU
-               cores; the figures BENCHMARKS.md reports)
+  7. evaluate  held-out docstring retrieval and, when ../shared/data exists, MS MARCO (+ BM25) for the APE parent,
+               stage 1 and stage 2; passkey and the real-data needle task at 256-4096 tokens under none / ntk /
+               selfextend, beside the APE parent truncated at 512
   8. summary   one table (artifacts/demo_summary.md) and plots (artifacts/plots/)
 No prefixes anywhere: the APE parent was trained without them, and the teacher reads the student's tokens.
-`--steps N` trains stage 1 for N steps instead of the config's (a longer run). `--curve K` keeps every K-th
-stage-1 checkpoint (and stage 2's every 10 steps) and adds an nDCG@10-vs-steps table of both stages (held-out
-docstrings and, when present, the full MS MARCO subset) to the summary.
+
+Two sizes. The default (`make demo`) fits 15 minutes on 2 CPU cores: stage 1 16 steps, stage 2 6 steps on 48
+mined queries; MS MARCO on its first 10 judged queries (their judged passages + a seeded sample, 1,000 in all);
+needle / passkey at 3 queries x 3 documents per length. `--full` runs the recipe of the configs (stage 1 40
+steps, stage 2 20 steps on 160 mined queries) and `--full-eval`: every system, the converted-untrained model
+too, on the FULL MS MARCO subset (43 judged queries, 5,000 passages) and needle / passkey at 20 x 20 per length
+(about 45 minutes in all). `--full-eval` alone re-evaluates a finished run at full size. `--steps N` trains stage 1
+for N steps. `--curve K` keeps every K-th stage-1 checkpoint (and stage 2's every 10 steps) and adds an
+nDCG@10-vs-steps table of both stages (held-out docstrings and, when present, MS MARCO) to the summary.
 
 Every finished step leaves a marker in artifacts/.demo/; running the demo again skips finished steps and
 resumes training from the last checkpoint, so an interrupted `make demo` (Ctrl-C) continues where it stopped.
-A step whose settings changed (`--full-eval` after a default run) runs again; `--fresh` starts over.
+The evaluation runs again when its settings changed; another training size on the same artifacts is refused
+(`--fresh` starts over).
 """
 
 from __future__ import annotations
@@ -59,12 +61,18 @@ NO_PROMPTS = ("--query-prompt", "", "--passage-prompt", "")
 NO_PREFIXES = ("--query-prefix", "", "--passage-prefix", "")
 
 
+# training sizes per scale: (stage-1 steps, stage-2 steps, queries mined for stage 2); None = the config's
+# max_steps (configs/demo/pretrain.yaml 40, finetune.yaml 20: the recipe). "short" is `make demo`'s 15-minute run.
+TRAIN = {"quick": (6, 4, 64), "short": (16, 6, 48), "full": (None, None, 160)}
+
+
 class Demo:
     def __init__(self, out: Path, shared: Optional[Path], quick: bool, steps: Optional[int] = None,
-                 curve: Optional[int] = None, full_eval: bool = False):
-        if quick and full_eval:
-            raise UserError("--quick and --full-eval contradict each other: choose one")
-        self.full_eval = full_eval
+                 curve: Optional[int] = None, full_eval: bool = False, full: bool = False):
+        if quick and (full_eval or full):
+            raise UserError("--quick contradicts --full / --full-eval: choose one")
+        self.scale = "quick" if quick else "full" if full else "short"
+        self.full_eval = full_eval or full
         self.steps = steps
         self.curve = curve
         self.out = out
@@ -175,11 +183,19 @@ class Demo:
             "--model.init_from", self.path("minilm-rope"),
             "--data.train_dir", self.path("shards", "stage1"),
             "--model.teacher", self.ape,
-            *(["--trainer.max_steps", 6] if self.quick else ["--trainer.max_steps", self.steps] if self.steps else []),
+            *self.max_steps(0),
             *self.keep_checkpoints(self.curve),
         ])
         self.ropebert("export", self.path("ckpt", "demo-pretrain", "last.ckpt"), "--out", self.path("models", "stage1"),
                       *NO_PROMPTS, "--overwrite")
+
+    def max_steps(self, stage: int) -> list:
+        """--trainer.max_steps of stage 1 (0) or 2 (1): --steps for stage 1, else the scale's, else the config's."""
+        n = self.steps if (stage == 0 and self.steps) else TRAIN[self.scale][stage]
+        return [] if n is None else ["--trainer.max_steps", n]
+
+    def train_settings(self) -> dict:
+        return {"scale": self.scale, "stage1_steps": self.steps or TRAIN[self.scale][0]}
 
     def keep_checkpoints(self, every: Optional[int]) -> list:
         """--curve: keep every `every`-th checkpoint (step0000040.ckpt, ...) for the nDCG@10-vs-steps table."""
@@ -190,7 +206,7 @@ class Demo:
     def mine(self):
         self.ropebert("mine", "--model", self.path("models", "stage1"), "--input", self.path("shards", "stage1"),
                       "--format", "shards", "--out", self.path("shards", "stage2-mined"), "--max-queries",
-                      64 if self.quick else 160, "--max-length", 96, "--maxcount", 120, "--on-error", "skip",
+                      TRAIN[self.scale][2], "--max-length", 96, "--maxcount", 120, "--on-error", "skip",
                       "--query-prefix", "", "--passage-prefix", "", "--overwrite", "--no-progress")
         # the candidates' teacher scores come from the APE parent, not from the weaker stage-1 miner
         self.ropebert("score", self.path("shards", "stage2-mined"), "--teacher", self.ape, "--out",
@@ -202,7 +218,7 @@ class Demo:
             "--model.init_from", self.path("ckpt", "demo-pretrain", "last.ckpt"),
             "--data.train_dir", self.path("shards", "stage2"),
             "--model.teacher", self.ape,
-            *(["--trainer.max_steps", 4] if self.quick else []),
+            *self.max_steps(1),
             *self.keep_checkpoints(2 if self.quick else 10),
         ])
         self.ropebert("export", self.path("ckpt", "demo-finetune", "last.ckpt"), "--out", self.path("models", "stage2"),
@@ -227,16 +243,33 @@ class Demo:
             ("stage 2", str(self.path("models", "stage2"))),
         ]
 
+    def check_training_scale(self) -> None:
+        """Refuse to mix training scales in one artifact directory (a finished short stage 1 is not the recipe's
+        stage 1, and resuming it under another schedule would be neither); record the scale on first use."""
+        rec = self.marks / "train.json"
+        want = self.train_settings()
+        if rec.is_file():
+            have = json.loads(rec.read_text())
+            if have != want:
+                raise UserError(f"{self.out} holds a demo trained with {have}, this run asks for {want}: repeat that "
+                                "run's --full / --steps to resume or re-evaluate it, or use --fresh (or another --out) "
+                                "to train anew")
+            return
+        self.marks.mkdir(parents=True, exist_ok=True)
+        tmp = rec.with_suffix(".tmp")
+        tmp.write_text(json.dumps(want))
+        tmp.replace(rec)
+
     def eval_settings(self) -> dict:
-        """What `evaluate` measures: MS MARCO corpus size (None = all 5,000 passages) and which systems, needle /
-        passkey queries x documents per length."""
+        """What `evaluate` measures: systems, MS MARCO judged queries / corpus size (None = all), needle / passkey
+        queries x documents per length."""
         if self.quick:
-            return {"msmarco_docs": 300, "msmarco_untrained": False, "needle": [3, 3], "passkey": [4, 4],
-                    "lengths": [256, 512, 1024]}
+            return {"untrained": False, "msmarco_queries": None, "msmarco_docs": 300, "needle": [3, 3],
+                    "passkey": [4, 4], "lengths": [256, 512, 1024]}
         if self.full_eval:
-            return {"msmarco_docs": None, "msmarco_untrained": True, "needle": [20, 20], "passkey": [20, 20],
-                    "lengths": [256, 512, 1024, 2048, 4096]}
-        return {"msmarco_docs": 1000, "msmarco_untrained": False, "needle": [5, 5], "passkey": [5, 5],
+            return {"untrained": True, "msmarco_queries": None, "msmarco_docs": None, "needle": [20, 20],
+                    "passkey": [20, 20], "lengths": [256, 512, 1024, 2048, 4096]}
+        return {"untrained": False, "msmarco_queries": 10, "msmarco_docs": 1000, "needle": [3, 3], "passkey": [3, 3],
                 "lengths": [256, 512, 1024, 2048, 4096]}
 
     def evaluate(self):
@@ -245,17 +278,17 @@ class Demo:
         plots = self.path("plots")
         plots.mkdir(parents=True, exist_ok=True)
         ape = str(self.ape)
-        model_args = [a for _, d in self.models() for a in ("--model", d)]
+        model_args = [a for name, d in self.models() if es["untrained"] or name != "converted (untrained)"
+                      for a in ("--model", d)]
         self.ropebert("eval", "retrieval", "--data", ev / "docstrings-heldout", *model_args, "--baseline", f"st:{ape}",
                       *NO_PREFIXES, "--output", ev / "docstrings.json", "--plot", plots / "docstrings_retrieval.png",
                       "--no-progress")
         lengths = ",".join(map(str, es["lengths"]))
         if self.shared is not None:  # MS MARCO is test data: evaluated, never trained or tuned on
-            ms_models = [a for name, d in self.models() if es["msmarco_untrained"] or name != "converted (untrained)"
-                         for a in ("--model", d)]
-            docs = [] if es["msmarco_docs"] is None else ["--max-docs", es["msmarco_docs"]]
-            self.ropebert("eval", "retrieval", "--data", self.shared / "msmarco", *ms_models, "--baseline", f"st:{ape}",
-                          "--baseline", "bm25", *NO_PREFIXES, *docs,
+            sub = ([] if es["msmarco_queries"] is None else ["--max-queries", es["msmarco_queries"]]) + (
+                [] if es["msmarco_docs"] is None else ["--max-docs", es["msmarco_docs"]])
+            self.ropebert("eval", "retrieval", "--data", self.shared / "msmarco", *model_args, "--baseline", f"st:{ape}",
+                          "--baseline", "bm25", *NO_PREFIXES, *sub,
                           "--output", ev / "msmarco.json", "--plot", plots / "msmarco_retrieval.png", "--no-progress")
             n_q, n_d = es["needle"]
             self.ropebert("eval", "needle", "--model", self.path("models", "stage2"), "--msmarco", self.shared / "msmarco",
@@ -314,9 +347,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="shared data dir with msmarco/ and pg/ (default ../shared/data from the current directory; "
                          "MS MARCO evaluation is skipped when absent)")
     ap.add_argument("--quick", action="store_true", help="smaller data and eval settings (for tests)")
+    ap.add_argument("--full", action="store_true",
+                    help="the whole recipe (stage 1 40 steps, stage 2 20 steps on 160 mined queries: the configs' "
+                         "max_steps) and --full-eval; about 45 minutes on 2 CPU cores")
     ap.add_argument("--full-eval", action="store_true",
-                    help="evaluate on the FULL MS MARCO subset (every system) and needle / passkey at 20 x 20 per "
-                         "length (about 45 minutes more on 2 CPU cores); a finished default evaluation runs again")
+                    help="evaluate every system on the FULL MS MARCO subset (43 judged queries, 5,000 passages) and "
+                         "needle / passkey at 20 x 20 per length (about 35 minutes on 2 CPU cores); a finished "
+                         "default evaluation runs again")
     ap.add_argument("--fresh", action="store_true", help="delete the artifact directory and start over")
     ap.add_argument("--steps", type=int, default=None,
                     help="stage-1 optimizer steps (default: configs/demo/pretrain.yaml's max_steps); a longer run")
@@ -335,7 +372,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for flag, v in (("--steps", args.steps), ("--curve", args.curve)):
         if v is not None and v < 1:
             raise UserError(f"{flag} must be >= 1, got {v}")
-    d = Demo(out, shared, args.quick, args.steps, args.curve, args.full_eval)
+    d = Demo(out, shared, args.quick, args.steps, args.curve, args.full_eval, args.full)
+    d.check_training_scale()
     steps = [("convert", d.convert), ("shards", d.shards), ("stage1", d.stage1), ("mine", d.mine),
              ("stage2", d.stage2), ("reload", d.reload), ("evaluate", d.evaluate)]
     if args.curve:  # before the long-context evaluation: the curve needs only the kept checkpoints

@@ -122,8 +122,23 @@ def test_a_step_runs_again_when_its_settings_change(tmp_path):
     assert json.loads((tmp_path / ".demo" / "evaluate.done").read_text())["settings"] == full.eval_settings()
     from ropebert.errors import UserError
 
-    with pytest.raises(UserError, match="--quick and --full-eval"):
+    with pytest.raises(UserError, match="--quick contradicts --full / --full-eval"):
         Demo(tmp_path, None, quick=True, full_eval=True)
+
+
+def test_training_sizes_and_no_mixing_in_one_directory(tmp_path):
+    from ropebert.errors import UserError
+
+    short, full = Demo(tmp_path, None, quick=False), Demo(tmp_path, None, quick=False, full=True)
+    assert short.max_steps(0) == ["--trainer.max_steps", 16] and short.max_steps(1) == ["--trainer.max_steps", 6]
+    assert full.max_steps(0) == [] and full.max_steps(1) == []  # the configs' max_steps: the recipe
+    assert full.full_eval and full.eval_settings()["msmarco_docs"] is None and full.eval_settings()["untrained"]
+    assert Demo(tmp_path, None, quick=False, steps=100).max_steps(0) == ["--trainer.max_steps", 100]
+    short.check_training_scale()
+    Demo(tmp_path, None, quick=False, full_eval=True).check_training_scale()  # re-evaluating a short run is fine
+    with pytest.raises(UserError, match="repeat that run's --full / --steps"):
+        full.check_training_scale()
+    assert json.loads((tmp_path / ".demo" / "train.json").read_text())["scale"] == "short"
 
 
 def test_summary_names_a_reduced_ms_marco_corpus(tmp_path):
