@@ -21,10 +21,10 @@ Steps (each one a `ropebert ...` command you could run yourself; they are printe
   8. summary   one table (artifacts/demo_summary.md) and plots (artifacts/plots/)
 No prefixes anywhere: the APE parent was trained without them, and the teacher reads the student's tokens.
 
-Two sizes. The default (`make demo`) fits 15 minutes on 2 CPU cores: stage 1 16 steps, stage 2 6 steps on 48
-mined queries; MS MARCO on its first 10 judged queries (their judged passages + a seeded sample, 1,000 in all);
+Two sizes. The default (`make demo`) is sized for 15 minutes on 2 CPU cores: 1,000 stage-1 pairs, stage 1 12
+steps, stage 2 6 steps on 48 mined queries; MS MARCO on its first 10 judged queries (their judged passages + a seeded sample, 1,000 in all);
 needle / passkey at 3 queries x 3 documents per length. `--full` runs the recipe of the configs (stage 1 40
-steps, stage 2 20 steps on 160 mined queries) and `--full-eval`: every system, the converted-untrained model
+steps, stage 2 20 steps on 160 mined queries, 2,000 stage-1 pairs) and `--full-eval`: every system, the converted-untrained model
 too, on the FULL MS MARCO subset (43 judged queries, 5,000 passages) and needle / passkey at 20 x 20 per length
 (about 45 minutes in all). `--full-eval` alone re-evaluates a finished run at full size. `--steps N` trains stage 1
 for N steps. `--curve K` keeps every K-th stage-1 checkpoint (and stage 2's every 10 steps) and adds an
@@ -61,9 +61,10 @@ NO_PROMPTS = ("--query-prompt", "", "--passage-prompt", "")
 NO_PREFIXES = ("--query-prefix", "", "--passage-prefix", "")
 
 
-# training sizes per scale: (stage-1 steps, stage-2 steps, queries mined for stage 2); None = the config's
-# max_steps (configs/demo/pretrain.yaml 40, finetune.yaml 20: the recipe). "short" is `make demo`'s 15-minute run.
-TRAIN = {"quick": (6, 4, 64), "short": (16, 6, 48), "full": (None, None, 160)}
+# training sizes per scale: (stage-1 steps, stage-2 steps, queries mined for stage 2, stage-1 pairs built);
+# None = the config's max_steps (configs/demo/pretrain.yaml 40, finetune.yaml 20: the recipe). "short" is
+# `make demo`'s 15-minute run.
+TRAIN = {"quick": (6, 4, 64, 800), "short": (12, 6, 48, 1000), "full": (None, None, 160, 2000)}
 
 
 class Demo:
@@ -127,7 +128,7 @@ class Demo:
                       "--fold-first-token", "--rotary-basis", "--keep-positions", 16, *NO_PROMPTS, "--overwrite")
 
     def shards(self):
-        n_train = 800 if self.quick else 2000
+        n_train = TRAIN[self.scale][3]
         self.ropebert("shards", "build", "--format", "docstrings", "--split", "train", "--limit", n_train,
                       "--maxcount", 500, "--out", self.path("shards", "stage1"), "--overwrite", "--no-progress")
         self.heldout_beir(self.path("eval", "docstrings-heldout"), limit=150 if self.quick else 400)

@@ -130,7 +130,7 @@ def test_training_sizes_and_no_mixing_in_one_directory(tmp_path):
     from ropebert.errors import UserError
 
     short, full = Demo(tmp_path, None, quick=False), Demo(tmp_path, None, quick=False, full=True)
-    assert short.max_steps(0) == ["--trainer.max_steps", 16] and short.max_steps(1) == ["--trainer.max_steps", 6]
+    assert short.max_steps(0) == ["--trainer.max_steps", 12] and short.max_steps(1) == ["--trainer.max_steps", 6]
     assert full.max_steps(0) == [] and full.max_steps(1) == []  # the configs' max_steps: the recipe
     assert full.full_eval and full.eval_settings()["msmarco_docs"] is None and full.eval_settings()["untrained"]
     assert Demo(tmp_path, None, quick=False, steps=100).max_steps(0) == ["--trainer.max_steps", 100]
