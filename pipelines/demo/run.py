@@ -22,9 +22,10 @@ Steps (each one a `ropebert ...` command you could run yourself; they are printe
 No prefixes anywhere: the APE parent was trained without them, and the teacher reads the student's tokens.
 
 Two sizes. The default (`make demo`) is sized for 15 minutes on 2 CPU cores: 1,000 stage-1 pairs, stage 1 12
-steps, stage 2 6 steps on 48 mined queries; MS MARCO on its first 10 judged queries (their judged passages + a seeded sample, 1,000 in all);
-needle / passkey at 3 queries x 3 documents per length. `--full` runs the recipe of the configs (stage 1 40
-steps, stage 2 20 steps on 160 mined queries, 2,000 stage-1 pairs) and `--full-eval`: every system, the converted-untrained model
+steps, stage 2 6 steps on 48 mined queries; held-out docstrings: 300 documents; MS MARCO on its first 10 judged
+queries (their judged passages + a seeded sample, 500 in all); needle / passkey at 3 queries x 3 documents per
+length. `--full` runs the recipe of the configs (stage 1 40
+steps, stage 2 20 steps on 160 mined queries, 2,000 stage-1 pairs, 400 held-out documents) and `--full-eval`: every system, the converted-untrained model
 too, on the FULL MS MARCO subset (43 judged queries, 5,000 passages) and needle / passkey at 20 x 20 per length
 (about 45 minutes in all). `--full-eval` alone re-evaluates a finished run at full size. `--steps N` trains stage 1
 for N steps. `--curve K` keeps every K-th stage-1 checkpoint (and stage 2's every 10 steps) and adds an
@@ -131,7 +132,7 @@ class Demo:
         n_train = TRAIN[self.scale][3]
         self.ropebert("shards", "build", "--format", "docstrings", "--split", "train", "--limit", n_train,
                       "--maxcount", 500, "--out", self.path("shards", "stage1"), "--overwrite", "--no-progress")
-        self.heldout_beir(self.path("eval", "docstrings-heldout"), limit=150 if self.quick else 400)
+        self.heldout_beir(self.path("eval", "docstrings-heldout"), limit={"quick": 150, "short": 300}.get(self.scale, 400))
 
     def heldout_beir(self, out: Path, limit: int) -> None:
         """Held-out docstring pairs (the source's hash split, never seen in training) as a BEIR directory:
@@ -270,7 +271,7 @@ class Demo:
         if self.full_eval:
             return {"untrained": True, "msmarco_queries": None, "msmarco_docs": None, "needle": [20, 20],
                     "passkey": [20, 20], "lengths": [256, 512, 1024, 2048, 4096]}
-        return {"untrained": False, "msmarco_queries": 10, "msmarco_docs": 1000, "needle": [3, 3], "passkey": [3, 3],
+        return {"untrained": False, "msmarco_queries": 10, "msmarco_docs": 500, "needle": [3, 3], "passkey": [3, 3],
                 "lengths": [256, 512, 1024, 2048, 4096]}
 
     def evaluate(self):

@@ -116,7 +116,7 @@ def test_a_step_runs_again_when_its_settings_change(tmp_path):
     d.step("evaluate", lambda: calls.append("default"), d.eval_settings())
     Demo(tmp_path, None, quick=False).step("evaluate", lambda: calls.append("again"), d.eval_settings())
     full = Demo(tmp_path, None, quick=False, full_eval=True)
-    assert full.eval_settings()["msmarco_docs"] is None and d.eval_settings()["msmarco_docs"] == 1000
+    assert full.eval_settings()["msmarco_docs"] is None and d.eval_settings()["msmarco_docs"] == 500
     full.step("evaluate", lambda: calls.append("full"), full.eval_settings())
     assert calls == ["default", "full"]
     assert json.loads((tmp_path / ".demo" / "evaluate.done").read_text())["settings"] == full.eval_settings()
