@@ -18,6 +18,7 @@ import torch
 from ropebert.model import from_bert
 from ropebert.pipelines.train.fit import cli_main
 from ropebert.pipelines.train.strategy import AtomicCheckpointIO
+from tests.conftest import make_pair_shards
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -222,27 +223,43 @@ TEACHER_ARGS = ("--model.teacher_hidden_weight", "1", "--model.teacher_hidden_ki
                 "--model.teacher_embed_weight", "1", "--model.teacher_score_weight", "1")
 
 
-def _two_rank_args(tiny_bert_dir, pair_shards, out: Path, teacher: bool = False):
-    return _base_args(tiny_bert_dir, pair_shards, tiny_bert_dir, out, steps=14, batch=8, extra=(
+def _two_rank_args(tiny_bert_dir, train_dir, out: Path, variant: str = "no-teacher"):
+    extra = {"no-teacher": (), "teacher": ("--model.teacher", str(tiny_bert_dir), *TEACHER_ARGS),
+             # one run for both: an upcycled MoE student (4 experts, top-2; routers and aux term in the state) on a
+             # homogeneous mixture (the plan's cursor and the sources' draws in the state)
+             "mixture-moe": ("--model.moe.num_experts", "4", "--model.moe.top_k", "2", "--model.seed", "3")}
+    return _base_args(tiny_bert_dir, train_dir, tiny_bert_dir, out, steps=14, batch=8, extra=(
         "--trainer.devices", "2", "--trainer.strategy", "ropebert_ddp", "--data.sample_log", str(out / "samples"),
-        "--data.num_workers", "1",
-        *(("--model.teacher", str(tiny_bert_dir), *TEACHER_ARGS) if teacher else ())))
+        "--data.num_workers", "1", *extra[variant]))
 
 
 def _fit_cmd(args):
     return [sys.executable, "-m", "ropebert", "fit", *args]
 
 
+@pytest.fixture
+def two_rank_mixture(tmp_path):
+    """Three homogeneous sources for 2 ranks x 8 (every source holds at least one global batch of 16)."""
+    d = tmp_path / "mixture"
+    for name, sizes in (("wiki", [24, 16]), ("code", [24]), ("news", [16])):
+        make_pair_shards(d / name, sizes)
+    p = d / "mix.yaml"
+    p.write_text("sampling: weights\nsources:\n  - {path: wiki, weight: 2}\n  - {path: code, weight: 1}\n"
+                 "  - {path: news, weight: 1}\n")
+    return p
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("teacher", [False, True], ids=["no-teacher", "teacher"])
-def test_two_rank_sigkill_resume_is_bitwise_identical(tiny_bert_dir, pair_shards, tmp_path, teacher):
+@pytest.mark.parametrize("variant", ["no-teacher", "teacher", "mixture-moe"])
+def test_two_rank_sigkill_resume_is_bitwise_identical(tiny_bert_dir, pair_shards, tmp_path, variant, request):
+    data = request.getfixturevalue("two_rank_mixture") if variant == "mixture-moe" else pair_shards
     ref, cut = tmp_path / "uninterrupted", tmp_path / "killed"
-    r = subprocess.run(_fit_cmd(_two_rank_args(tiny_bert_dir, pair_shards, ref, teacher)), env=_env(),
+    r = subprocess.run(_fit_cmd(_two_rank_args(tiny_bert_dir, data, ref, variant)), env=_env(),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
 
     # the same run, SIGKILLed (whole process group: both ranks) once rank 0 has logged its 5th step
-    p = subprocess.Popen(_fit_cmd(_two_rank_args(tiny_bert_dir, pair_shards, cut, teacher)), env=_env(),
+    p = subprocess.Popen(_fit_cmd(_two_rank_args(tiny_bert_dir, data, cut, variant)), env=_env(),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     log0 = cut / "steps" / "step-rank-0.jsonl"
     deadline = time.time() + 300
@@ -258,7 +275,7 @@ def test_two_rank_sigkill_resume_is_bitwise_identical(tiny_bert_dir, pair_shards
     ck = torch.load(cut / "ckpt" / "last.ckpt", weights_only=True, map_location="cpu")
     assert 3 <= ck["global_step"] < 14
 
-    r = subprocess.run(_fit_cmd(_two_rank_args(tiny_bert_dir, pair_shards, cut, teacher) + ["--ckpt_path", "last"]),
+    r = subprocess.run(_fit_cmd(_two_rank_args(tiny_bert_dir, data, cut, variant) + ["--ckpt_path", "last"]),
                        env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
 
@@ -269,9 +286,19 @@ def test_two_rank_sigkill_resume_is_bitwise_identical(tiny_bert_dir, pair_shards
         la = _last_per_step(ref / "steps" / f"step-rank-{rank}.jsonl")
         lb = _last_per_step(cut / "steps" / f"step-rank-{rank}.jsonl")
         assert [x["loss"] for x in la.values()] == [x["loss"] for x in lb.values()], f"rank {rank}: losses differ"
-    if teacher:  # the teacher terms were on, and the resumed run checked the teacher's hash
+    if variant == "teacher":  # the teacher terms were on, and the resumed run checked the teacher's hash
         assert ck["ropebert_teacher"]["path"] == str(tiny_bert_dir) and len(ck["ropebert_teacher"]["sha256"]) == 64
         assert ck["hyper_parameters"]["teacher_hidden_weight"] == 1
+    if variant == "mixture-moe":  # upcycled from the dense init; the logged losses above include the aux term
+        assert ck["hyper_parameters"]["moe"]["num_experts"] == 4
+        assert any(".moe.router.weight" in k for k in ck["state_dict"])
+        # both ranks drew every step from one source; the resumed run drew the same ones
+        src = [[rec["source"] for rec in _last_per_step(out / "samples" / f"rank-{r_}.jsonl").values()]
+               for out in (ref, cut) for r_ in (0, 1)]
+        assert src[0] == src[1] == src[2] == src[3] and set(src[0]) <= {"wiki", "code", "news"} and len(set(src[0])) > 1
+        for rec in _last_per_step(ref / "samples" / "rank-0.jsonl").values():
+            assert rec["source"] != "news" or all(k.startswith("s0_") for k in rec["keys"])
+        return
     # the epoch boundary was crossed (151 pairs, 2 ranks x 8: 9 batches per rank per epoch)
     assert {k[0] for k in _last_per_step(ref / "samples" / "rank-0.jsonl")} == {0, 1}
     # every sample at most once per epoch across both ranks
