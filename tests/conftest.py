@@ -99,9 +99,9 @@ def pytest_sessionfinish(session, exitstatus):
         print("\nROPEBERT_REQUIRE_TESTS: no test passed (none collected, or all skipped) — failing the run")
 
 
-def make_pair_shards(out_dir, sizes, kind="pairs", num_negatives=7, with_scores=True):
-    """Write ropebert shards with the given (uneven) sample counts per shard; keys s<shard>_<i>. Returns the
-    manifest. Texts vary in length so dynamic padding is exercised."""
+def make_pair_shards(out_dir, sizes, kind="pairs", num_negatives=7, with_scores=True, prefix=""):
+    """Write ropebert shards with the given (uneven) sample counts per shard; keys <prefix>s<shard>_<i>, texts
+    begin with `prefix` too. Returns the manifest. Texts vary in length so dynamic padding is exercised."""
     from ropebert.shards.format import ShardWriter, write_manifest
 
     out_dir = Path(out_dir)
@@ -109,11 +109,12 @@ def make_pair_shards(out_dir, sizes, kind="pairs", num_negatives=7, with_scores=
     w = ShardWriter(out_dir, maxcount=10**9)
     for s, n in enumerate(sizes):
         for i in range(n):
-            sample = {"query": f"question {s} {i}" + " why" * (i % 3), "positive": f"answer {s} {i}" + " so" * (i % 7)}
+            sample = {"query": f"{prefix}question {s} {i}" + " why" * (i % 3),
+                      "positive": f"{prefix}answer {s} {i}" + " so" * (i % 7)}
             if kind == "hard_negatives":
                 sample["negatives"] = [f"wrong {s} {i} {j}" for j in range(num_negatives)]
                 if with_scores:
                     sample["scores"] = [0.9] + [0.5 - 0.01 * j for j in range(num_negatives)]
-            w.write(f"s{s}_{i}", sample)
+            w.write(f"{prefix}s{s}_{i}", sample)
         w.finish_shard()
     return write_manifest(out_dir, kind=kind, shards=w.close(), source={"format": "test", "sizes": list(sizes)})

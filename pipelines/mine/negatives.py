@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
@@ -52,6 +53,7 @@ from ropebert.shards.format import (
     shards_owned,
     write_manifest,
 )
+from ropebert.shards.mixture import is_mixture_file, load_mixture
 from ropebert.shards.records import Bad
 
 from ..search import INDEXES, exact_topk
@@ -110,14 +112,37 @@ def load_beir(root: Path, split: str, min_grade: int, corpus_limit: Optional[int
     return items, ids, texts, judged
 
 
-def load_pair_shards(shard_dir: str, max_queries: Optional[int]):
-    m = load_manifest(shard_dir)
+def load_pair_shards(path: str, max_queries: Optional[int]):
+    """A pair-shard directory, or a mixture file of them (ropebert.shards.mixture). With a mixture the sources'
+    queries are taken round-robin (one of each source in turn, in the file's order) before `max_queries` keeps the
+    first N, so every source is mined; the corpus is every distinct positive of every source. A key that two
+    sources share is an error naming both (the mined shards keep the input keys)."""
+    if is_mixture_file(path):
+        mix = load_mixture(path)
+        if mix.kind != "pairs":
+            raise InputError(f"{path}: mine --format shards reads pair shards; the mixture's sources are {mix.kind!r}")
+        dirs = [(s.name, s.path) for s in mix.sources]
+    else:
+        dirs = [(None, path)]
+    per_source, owner = [], {}
+    for name, d in dirs:
+        m = load_manifest(d)
+        rows = []
+        for entry in m["shards"]:
+            for key, s in read_shard(shard_path(d, entry)):
+                if name is not None:
+                    if key in owner:
+                        raise InputError(f"{path}: key {key!r} is in source {owner[key]!r} and in source {name!r}; "
+                                         "mined shards keep the input keys, so they must be unique across sources")
+                    owner[key] = name
+                rows.append((key, s))
+        per_source.append(rows)
+    ordered = [r for group in itertools.zip_longest(*per_source) for r in group if r is not None]
     items, pos_of_query, text_id = [], {}, {}
-    for entry in m["shards"]:
-        for key, s in read_shard(shard_path(shard_dir, entry)):
-            did = text_id.setdefault(s["positive"], f"p{len(text_id)}")
-            items.append((key, key, s["query"], did))
-            pos_of_query.setdefault(s["query"], set()).add(did)
+    for key, s in ordered:
+        did = text_id.setdefault(s["positive"], f"p{len(text_id)}")
+        items.append((key, key, s["query"], did))
+        pos_of_query.setdefault(s["query"], set()).add(did)
     if max_queries is not None:
         items = items[:max_queries]
     ids = list(text_id.values())
@@ -263,6 +288,9 @@ def mine(args) -> dict:
     out = Path(args.out)
     fp = _fingerprint(args, len(items), corpus_ids)
     check_not_inside(out, src, "mine")
+    if args.format == "shards" and is_mixture_file(str(src)):  # a mixture's sources may live elsewhere
+        for source in load_mixture(str(src)).sources:
+            check_not_inside(out, source.path, "mine")
     OutputDir(out, what="mine", overwrite=args.overwrite, owned=shards_owned).check()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_source(args.model).to(device).eval()  # a bad --model fails before anything is written
@@ -367,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ropebert mine",
                                  description="Mine hard negatives with a model and write stage-2 shards (+ scores).")
     ap.add_argument("--model", required=True, help="exported RoPE BERT dir, or a BERT dir (converted on the fly)")
-    ap.add_argument("--input", required=True, help="BEIR directory or pair-shard directory")
+    ap.add_argument("--input", required=True,
+                    help="BEIR directory, pair-shard directory, or a mixture file of pair-shard directories (.yaml)")
     ap.add_argument("--format", default="beir", choices=["beir", "shards"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--beir-split", default="test")

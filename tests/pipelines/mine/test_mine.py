@@ -109,6 +109,35 @@ def test_mine_pair_shards_deterministic_and_restartable(tmp_path, minilm_dir, ca
     assert b["negatives"]["input_ids"].shape[0] == 28 and b["teacher_scores"].shape == (4, 8)
 
 
+def test_mine_a_mixture_takes_queries_from_every_source(tmp_path, minilm_dir, cached_model, capsys):
+    """--format shards with a mixture file: queries round-robin over the sources, the corpus is all of them."""
+    data = tmp_path / "data"
+    for name, sizes in (("wiki", [10]), ("code", [6])):
+        make_pair_shards(data / name, sizes, prefix=f"{name}-")
+    mix = data / "mix.yaml"
+    mix.write_text("sources:\n  - {path: wiki}\n  - {path: code}\n")
+    args = ["mine", "--model", str(minilm_dir), "--input", str(mix), "--format", "shards", "--top-k", "12",
+            "--guard", "none", "--max-queries", "8", "--max-length", "32", "--no-progress"]
+    assert cli(args + ["--out", str(tmp_path / "mined")]) == 0
+    _, samples = _samples(tmp_path / "mined")
+    keys = [k for k, _ in samples]
+    assert sorted(keys) == sorted([f"wiki-s0_{i}" for i in range(4)] + [f"code-s0_{i}" for i in range(4)])
+    negatives = {n for _, s in samples for n in s["negatives"]}
+    assert any(n.startswith("wiki-") for n in negatives) and any(n.startswith("code-") for n in negatives)
+
+    # a key in two sources is refused, naming both
+    make_pair_shards(data / "copy", [3], prefix="wiki-")
+    mix.write_text("sources:\n  - {path: wiki}\n  - {path: copy}\n")
+    assert cli(args + ["--out", str(tmp_path / "mined2")]) != 0
+    err = capsys.readouterr().err
+    assert "key 'wiki-s0_0' is in source 'wiki' and in source 'copy'" in err and not (tmp_path / "mined2").exists()
+    # --out inside a source that lives outside the mixture file's directory is refused as well
+    make_pair_shards(tmp_path / "far", [6], prefix="far-")
+    mix.write_text(f"sources:\n  - {{path: wiki}}\n  - {{path: {tmp_path / 'far'}}}\n")
+    assert cli(args + ["--out", str(tmp_path / "far" / "mined")]) != 0
+    assert "is inside the source" in capsys.readouterr().err and not (tmp_path / "far" / "mined").exists()
+
+
 def test_mine_drops_copies_of_judged_passages_and_repeated_texts(tmp_path, minilm_dir, cached_model):
     """A corpus copy of a judged passage (another id, same text) is never a negative, even without the guard;
     repeated texts give one negative, not several copies."""
