@@ -26,6 +26,9 @@ tokenised batch of real variable-length (query, passage) text, for:
     the dense model (a) it was upcycled from. Each token runs 2 experts, so an MoE layer's FFN does 2x the dense
     FFN's work; its FLOPs / MFU count the active parameters (the top-2 experts and the router per token). The
     ratio row gains moe_overhead (MoE step / dense step) and moe_tokens_per_s_ratio.
+(d) with --matryoshka, a row of the same module with model.matryoshka_dims = [C, 256, 128, 64] (the demo's dims
+    below the width C): the loss of (a) on every prefix, renormalised, summed; the ratio row gains
+    matryoshka_overhead (its step / the plain step, same loop). --teacher adds the teacher row the same way.
 
 Identical work: both load the SAME weights from DIR (--shape minilm: the offline all-MiniLM-L6-v2; --shape
 bert-base: one seeded random BERT-base written to a temp dir), the same number of layers / width / heads,
@@ -68,6 +71,7 @@ Usage:
     .venv/bin/python bench/train_step.py                      # CPU: minilm shape (real MiniLM weights), 32 pairs
     python bench/train_step.py --device cuda --shape bert-base --pairs 256 --dtype bf16   # the GPU target
     .venv/bin/python bench/train_step.py --moe                # CPU: + the upcycled MoE (8 experts, top-2, every 2)
+    .venv/bin/python bench/train_step.py --matryoshka         # CPU: + the Matryoshka loss (384/256/128/64)
     python bench/train_step.py --device cuda --shape bert-base --pairs 256 --dtype bf16 --moe   # the MoE on GPU
 
 Importable: `run(args) -> list[dict]` (args: a Namespace from `build_parser()` or an argv list): one row per
@@ -110,10 +114,13 @@ PEAK_BF16_TFLOPS = [("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), 
 MODELS = ("ropebert", "baseline")
 TEACHER = "ropebert+teacher"
 MOE = "ropebert+moe"
+MRL = "ropebert+matryoshka"
+MATRYOSHKA_DIMS = [384, 256, 128, 64]  # the demo's; cut to the model's width
 MOE_SETTING = {"num_experts": 8, "top_k": 2, "every_n_layers": 2}  # Nomic Embed v2's layout
 LABELS = {"ropebert": "ropebert (contrastive_step + contrastive_loss)",
           MOE: "ropebert MoE, upcycled (8 experts, top-2, every 2nd layer; + load-balancing loss)",
           TEACHER: "ropebert + frozen APE teacher (hidden MSE, pooled, score KL; weights 1)",
+          MRL: "ropebert + Matryoshka loss (InfoNCE on every prefix, weights 1)",
           "baseline": "HF BertModel sdpa padded + ST MNRL"}
 
 
@@ -151,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also time ropebert with the APE source as a frozen teacher (every teacher term on, "
                          "weight 1: token-level hidden MSE in each chunk's replay, pooled 1 - cos, score-row KL), "
                          "in the same alternating loop; the ratio row gains teacher_overhead")
+    ap.add_argument("--matryoshka", action="store_true",
+                    help="also time ropebert with model.matryoshka_dims 384/256/128/64 (of the model's width; the loss "
+                         "on every prefix, renormalised, summed) in the same alternating loop; the ratio row gains "
+                         "matryoshka_overhead")
     ap.add_argument("--moe", action="store_true",
                     help="also time the upcycled mixture of experts (8 experts, top-2, every 2nd layer; model.moe "
                          "of ropebert fit) in the same alternating loop; the ratio row gains moe_overhead")
@@ -276,16 +287,22 @@ def _adamw(named_params, lr=1e-5, weight_decay=0.01):
 
 
 def build_ropebert(model_dir: str, groups: dict, args, device: torch.device, teacher: bool = False,
-                   moe: bool = False):
+                   moe: bool = False, matryoshka: bool = False):
     """The module's own step (training_step without Lightning): the module's step functions (_step_functions: the
     teacher once per text, its token-level term inside each chunk's replay under GradCache), both wrapped by the
     MoE load-balancing term (a no-op for a dense model), through contrastive_step.
-    moe: the module built with model.moe = MOE_SETTING (DIR upcycled)."""
+    moe: the module built with model.moe = MOE_SETTING (DIR upcycled). matryoshka: model.matryoshka_dims =
+    MATRYOSHKA_DIMS (those <= the hidden size, the hidden size first)."""
     from ropebert.pipelines.train.gradcache import allreduce_gradients, contrastive_step
     from ropebert.pipelines.train.module import RopeBertContrastive
 
     kw = dict(teacher=model_dir, teacher_hidden_weight=1.0, teacher_hidden_kind="mse", teacher_embed_weight=1.0,
               teacher_score_weight=1.0) if teacher else {}
+    if matryoshka:
+        from ropebert.model.load import load_source
+
+        width = load_source(model_dir).config.hidden_size
+        kw["matryoshka_dims"] = [width] + [d for d in MATRYOSHKA_DIMS if d < width]
     mod = RopeBertContrastive(init_from=model_dir, stage="pretrain", temperature=args.temperature,
                               gradcache_chunk=args.chunk, attn_backend=args.backend, attention_dropout=0.0,
                               grad_clip=1.0, compile=args.compile, seed=args.seed,
@@ -396,7 +413,8 @@ def _mem_worker(payload: str, json_path: str) -> None:
     groups = {k: {n: t.to(device) for n, t in g.items()} for k, g in torch.load(cfg["batch"]).items()}
     build = {"ropebert": build_ropebert, "baseline": build_baseline,
              TEACHER: lambda *a: build_ropebert(*a, teacher=True),
-             MOE: lambda *a: build_ropebert(*a, moe=True)}[cfg["model"]]
+             MOE: lambda *a: build_ropebert(*a, moe=True),
+             MRL: lambda *a: build_ropebert(*a, matryoshka=True)}[cfg["model"]]
     row = {"model": cfg["model"]}
     gpu = device.type == "cuda"
     mem = PeakMemory(device)
@@ -466,10 +484,13 @@ def run(args: Union[argparse.Namespace, Sequence[str], None] = None, *, log=None
         rb_mod, rb_step = build_ropebert(model_dir, groups, args, device)
         bl_mod, bl_step = build_baseline(model_dir, groups, args, device)
         counts = {"ropebert": param_counts(rb_mod.model), "baseline": param_counts(bl_mod[0].model)}
-        models = MODELS + ((TEACHER,) if args.teacher else ()) + ((MOE,) if args.moe else ())
+        models = (MODELS + ((TEACHER,) if args.teacher else ()) + ((MRL,) if args.matryoshka else ())
+                  + ((MOE,) if args.moe else ()))
         steps = {"ropebert": rb_step, "baseline": bl_step}
         if args.teacher:
             steps[TEACHER] = build_ropebert(model_dir, groups, args, device, teacher=True)[1]
+        if args.matryoshka:
+            steps[MRL] = build_ropebert(model_dir, groups, args, device, matryoshka=True)[1]
         if args.moe:
             moe_mod, steps[MOE] = build_ropebert(model_dir, groups, args, device, moe=True)
             counts[MOE] = {**param_counts(moe_mod.model), "active_encoder_layers": active_layer_params(moe_mod.model),
@@ -565,6 +586,8 @@ def run(args: Union[argparse.Namespace, Sequence[str], None] = None, *, log=None
     by = {r["model"]: r for r in rows}
     if args.teacher:  # the teacher's cost, measured in the same alternating loop
         extra["teacher_overhead"] = by[TEACHER]["step_s"] / rows[0]["step_s"]
+    if args.matryoshka:  # the Matryoshka loss's cost, same loop
+        extra["matryoshka_overhead"] = by[MRL]["step_s"] / rows[0]["step_s"]
     if args.moe:  # the MoE vs the dense model it was upcycled from, same loop
         extra["moe_overhead"] = by[MOE]["step_s"] / rows[0]["step_s"]
         extra["moe_tokens_per_s_ratio"] = by[MOE]["real_tokens_per_s"] / rows[0]["real_tokens_per_s"]
@@ -619,6 +642,8 @@ def report(rows: list[dict], command: str) -> str:
            if "mfu" in tgt else ""),
         *([f"teacher overhead (ropebert + teacher step / ropebert step, same run): {rr['teacher_overhead']:.2f}x"]
           if "teacher_overhead" in rr else []),
+        *([f"Matryoshka overhead (ropebert + Matryoshka loss step / ropebert step, same run): "
+           f"{rr['matryoshka_overhead']:.2f}x"] if "matryoshka_overhead" in rr else []),
         *([f"MoE vs dense ({s['moe']['num_experts']} experts, top-{s['moe']['top_k']}, MoE layers "
            f"{c[MOE]['moe_layers']}; {c[MOE]['total']:,} params, {c[MOE]['active_encoder_layers']:,} active "
            f"encoder-layer params per token vs {c['ropebert']['encoder_layers']:,} dense): step "
