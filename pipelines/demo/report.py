@@ -56,6 +56,45 @@ def curve_table(curve_doc: dict, curve_ms: dict | None, ms: dict | None, doc: di
             markdown_table(header, rows), ""]
 
 
+def size_table(ms: dict) -> tuple[list[str], list[str]]:
+    """MS MARCO nDCG@10 of every dense system at each Matryoshka dim x stored precision (`eval retrieval --dims
+    --quantize --rescore`), and the checks: what binary / int8 + re-scoring keep of float32 for stage 2, and the
+    stage-2 model against the APE parent at the small dims (the parent was not trained for them)."""
+    systems = [(_name(r["name"]), r["quantized"]) for r in ms["results"] if r.get("quantized")]
+    if not systems:
+        return [], []
+    precisions = list(dict.fromkeys(e["precision"] for _, q in systems for e in q))
+    rescore = next((e["rescore"] for _, q in systems for e in q if e["rescore"]), None)
+    header = ["system", "dim"] + [f"{p} nDCG@10 (bytes/vector)" for p in precisions]
+    rows, at = [], {}
+    for name, entries in systems:
+        for dim in dict.fromkeys(e["dim"] for e in entries):
+            cells = {e["precision"]: e for e in entries if e["dim"] == dim}
+            rows.append([name, str(dim)] + [f"{cells[p]['metrics']['ndcg@10']:.4f} ({cells[p]['bytes_per_vector']})"
+                                           if p in cells else "—" for p in precisions])
+            at.update({(name, dim, p): cells[p]["metrics"]["ndcg@10"] for p in cells})
+    title = ("MS MARCO nDCG@10 by embedding size (Matryoshka prefix, renormalised) and stored precision"
+             + (f"; int8 / binary re-scored with the float32 query over their top {rescore}" if rescore else ""))
+    lines = [title, "", markdown_table(header, rows), ""]
+    checks = []
+    s2, ape = DISPLAY["stage2"], _name("st:")
+    dims = sorted({d for (n, d, _) in at if n == s2}, reverse=True)
+    if dims and (s2, dims[0], "float32") in at:
+        full = at[(s2, dims[0], "float32")]
+        for p in ("int8", "binary"):
+            if (s2, dims[0], p) in at and full > 0:
+                kept = 100 * at[(s2, dims[0], p)] / full
+                checks.append(f"- stage 2 at {dims[0]} dims, {p}{' + rescore' if rescore else ''}: {kept:.1f}% of "
+                              f"float32 nDCG@10 ({at[(s2, dims[0], p)]:.4f} vs {full:.4f}; target >= 95%): "
+                              f"{'yes' if kept >= 95 else 'NO'}")
+    for d in dims[1:]:
+        if (s2, d, "float32") in at and (ape, d, "float32") in at:
+            a, b = at[(s2, d, "float32")], at[(ape, d, "float32")]
+            checks.append(f"- stage 2 (Matryoshka-trained) vs the APE parent (not trained for it), both cut to {d} "
+                          f"dims: {a:.4f} vs {b:.4f} ({'above' if a > b else 'NOT above'})")
+    return lines, checks
+
+
 def write_summary(out: Path) -> str:
     ev = out / "eval"
     doc = _load(ev / "docstrings.json")
@@ -99,6 +138,8 @@ def write_summary(out: Path) -> str:
         lines.append(f"Retrieval (held-out docstrings: {s['num_queries_judged']} queries, {s['num_corpus']} documents"
                      + ms_text + ")")
         lines += ["", markdown_table(header, rows), ""]
+    size_lines, size_checks = size_table(ms) if ms is not None else ([], [])
+    lines += size_lines
 
     checks = []
     for label, rows_ in (("held-out docstrings", d_rows), (ms_label, m_rows)):
@@ -142,6 +183,7 @@ def write_summary(out: Path) -> str:
                 ok = acc[best] > b
                 checks.append(f"- {short}: best RoPE method ({best}) above the APE parent truncated at 512 at {n} "
                               f"tokens ({100 * acc[best]:.1f} vs {100 * b:.1f}): {'yes' if ok else 'NO'}")
+    checks += size_checks
     if reload is not None:
         checks.append(f"- exported stage-2 model reloaded with plain transformers (fresh process): max |diff| "
                       f"{reload['max_abs_diff']:.2e}")

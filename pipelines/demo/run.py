@@ -6,17 +6,21 @@ Steps (each one a `ropebert ...` command you could run yourself; they are printe
                (position table dropped, its mean over 128 positions folded into the token-type embeddings,
                position 0 into [CLS], positions 1..15 kept as a small absolute table for the first 16 tokens;
                each head's q/k re-based onto the slow rotary frequencies)
-  2. shards    stage-1 pairs from the embedded docstring source (train split) artifacts/shards/stage1
-               + held-out docstring pairs as a BEIR directory                   artifacts/eval/docstrings-heldout
-  3. stage 1   in-batch negatives + distillation from the APE parent as a frozen teacher
-               (token-level hidden states, pooled embeddings, in-batch score rows) configs/demo/pretrain.yaml
+  2. shards    stage-1 pairs from the embedded docstring source (train split), one shard directory per package
+               (stdlib, torch, transformers, numpy) and a mixture file        artifacts/shards/stage1/mixture.yaml
+               + held-out docstring pairs of the same packages as a BEIR directory artifacts/eval/docstrings-heldout
+  3. stage 1   on the mixture, every global batch from one package; in-batch negatives (duplicate texts masked)
+               + distillation from the APE parent as a frozen teacher (token-level hidden states, pooled
+               embeddings, in-batch score rows), Matryoshka dims 384/256/128/64    configs/demo/pretrain.yaml
   4. mine      hard negatives with the stage-1 model, scored by the APE parent  artifacts/shards/stage2
                (`ropebert mine` then `ropebert score`)
-  5. stage 2   1 positive + 7 hard negatives, KL to the parent's scores + the teacher terms  configs/demo/finetune.yaml
+  5. stage 2   1 positive + 7 hard negatives, KL to the parent's scores + the teacher terms, Matryoshka dims
+                                                                              configs/demo/finetune.yaml
   6. export    stage-1 / stage-2 checkpoints -> HF dirs; reload stage 2 with plain transformers in a fresh
                process (ropebert not importable there) and compare embeddings
   7. evaluate  held-out docstring retrieval and, when ../shared/data exists, MS MARCO (+ BM25) for the APE parent,
-               stage 1 and stage 2; passkey and the real-data needle task at 256-4096 tokens under none / ntk /
+               stage 1 and stage 2, also at 384 / 128 / 64 dims stored as float32 / int8 / binary (int8 and binary
+               re-scored in float32 over their top 100); passkey and the real-data needle task at 256-4096 tokens under none / ntk /
                selfextend, beside the APE parent truncated at 512
   8. summary   one table (artifacts/demo_summary.md) and plots (artifacts/plots/)
 No prefixes anywhere: the APE parent was trained without them, and the teacher reads the student's tokens.
@@ -66,6 +70,15 @@ NO_PREFIXES = ("--query-prefix", "", "--passage-prefix", "")
 # None = the config's max_steps (configs/demo/pretrain.yaml 40, finetune.yaml 20: the recipe). "short" is
 # `make demo`'s 15-minute run.
 TRAIN = {"quick": (6, 4, 64, 800), "short": (12, 6, 48, 1000), "full": (None, None, 160, 2000)}
+
+# stage 1 trains on a mixture: the docstring pairs split by package, one source per global batch (homogeneous),
+# sources drawn in proportion to their sizes. (package, share of the stage-1 pairs and of the held-out set); the
+# smallest source holds several global batches of 32 at every size.
+STAGE1_SOURCES = (("stdlib", 0.4), ("torch", 0.2), ("transformers", 0.2), ("numpy", 0.2))
+# what `shards` builds and stage 1 reads: a change refuses to resume an earlier demo's artifacts
+STAGE1_DATA = "docstrings by package: " + ", ".join(f"{p} {share:g}" for p, share in STAGE1_SOURCES)
+# the MS MARCO evaluation's size sweep: Matryoshka dims x stored precision, binary / int8 re-scored in float
+SIZE_SWEEP = ("--dims", "384,128,64", "--quantize", "float32,int8,binary", "--rescore", 100)
 
 
 class Demo:
@@ -130,26 +143,42 @@ class Demo:
 
     def shards(self):
         n_train = TRAIN[self.scale][3]
-        self.ropebert("shards", "build", "--format", "docstrings", "--split", "train", "--limit", n_train,
-                      "--maxcount", 500, "--out", self.path("shards", "stage1"), "--overwrite", "--no-progress")
+        root = self.path("shards", "stage1")
+        for pkg, share in STAGE1_SOURCES:
+            self.ropebert("shards", "build", "--format", "docstrings", "--input", pkg, "--split", "train", "--limit",
+                          round(n_train * share), "--maxcount", 500, "--out", root / pkg, "--overwrite", "--no-progress")
+        mixture = "\n".join([
+            "# stage-1 docstring pairs by package (ropebert demo): every global batch from one package, packages",
+            "# drawn in proportion to their sizes", "sampling: proportional", "batch_source: homogeneous",
+            "sources:", *(f"  - {{path: {pkg}}}" for pkg, _ in STAGE1_SOURCES)]) + "\n"
+        tmp = root / "mixture.yaml.tmp"
+        tmp.write_text(mixture, encoding="utf-8")
+        tmp.replace(self.stage1_data)
+        print(f"[demo] stage-1 mixture: {self.stage1_data}")
         self.heldout_beir(self.path("eval", "docstrings-heldout"), limit={"quick": 150, "short": 300}.get(self.scale, 400))
 
+    @property
+    def stage1_data(self) -> Path:
+        return self.path("shards", "stage1", "mixture.yaml")
+
     def heldout_beir(self, out: Path, limit: int) -> None:
-        """Held-out docstring pairs (the source's hash split, never seen in training) as a BEIR directory:
-        queries are summary lines, the corpus holds every held-out positive; pairs that share a summary
-        share one query with several relevant documents."""
-        _, records = open_source("docstrings", [], SourceOptions(split="heldout"))
+        """Held-out docstring pairs (the source's hash split, never seen in training) as a BEIR directory, from
+        the stage-1 packages in their stage-1 shares: queries are summary lines, the corpus holds every held-out
+        positive; pairs that share a summary share one query with several relevant documents."""
         queries: dict[str, str] = {}
         qrels: list[tuple[str, str]] = []
         corpus = []
-        for rec in records:
-            q, p = rec.sample["query"], rec.sample["positive"]
-            norm = " ".join(q.lower().split())
-            qid = queries.setdefault(norm, f"q{len(queries)}")
-            corpus.append({"_id": rec.key, "title": "", "text": p})
-            qrels.append((qid, rec.key))
-            if len(corpus) >= limit:
-                break
+        for pkg, share in STAGE1_SOURCES:
+            _, records = open_source("docstrings", [pkg], SourceOptions(split="heldout"))
+            want = len(corpus) + round(limit * share)
+            for rec in records:
+                if len(corpus) >= want:
+                    break
+                q, p = rec.sample["query"], rec.sample["positive"]
+                norm = " ".join(q.lower().split())
+                qid = queries.setdefault(norm, f"q{len(queries)}")
+                corpus.append({"_id": rec.key, "title": "", "text": p})
+                qrels.append((qid, rec.key))
         if len(corpus) < 50:
             raise UserError(f"only {len(corpus)} held-out docstring pairs found; the demo needs at least 50")
         text_of = {v: k for k, v in queries.items()}
@@ -183,7 +212,7 @@ class Demo:
         self.fit("pretrain.yaml", self.path("ckpt", "demo-pretrain"), [
             *self.common_overrides("demo-pretrain"),
             "--model.init_from", self.path("minilm-rope"),
-            "--data.train_dir", self.path("shards", "stage1"),
+            "--data.train_dir", self.stage1_data,
             "--model.teacher", self.ape,
             *self.max_steps(0),
             *self.keep_checkpoints(self.curve),
@@ -197,7 +226,7 @@ class Demo:
         return [] if n is None else ["--trainer.max_steps", n]
 
     def train_settings(self) -> dict:
-        return {"scale": self.scale, "stage1_steps": self.steps or TRAIN[self.scale][0]}
+        return {"scale": self.scale, "stage1_steps": self.steps or TRAIN[self.scale][0], "stage1_data": STAGE1_DATA}
 
     def keep_checkpoints(self, every: Optional[int]) -> list:
         """--curve: keep every `every`-th checkpoint (step0000040.ckpt, ...) for the nDCG@10-vs-steps table."""
@@ -206,7 +235,7 @@ class Demo:
         return ["--checkpoint.every_n_train_steps", every, "--checkpoint.save_top_k", -1]
 
     def mine(self):
-        self.ropebert("mine", "--model", self.path("models", "stage1"), "--input", self.path("shards", "stage1"),
+        self.ropebert("mine", "--model", self.path("models", "stage1"), "--input", self.stage1_data,
                       "--format", "shards", "--out", self.path("shards", "stage2-mined"), "--max-queries",
                       TRAIN[self.scale][2], "--max-length", 96, "--maxcount", 120, "--on-error", "skip",
                       "--query-prefix", "", "--passage-prefix", "", "--overwrite", "--no-progress")
@@ -290,7 +319,7 @@ class Demo:
             sub = ([] if es["msmarco_queries"] is None else ["--max-queries", es["msmarco_queries"]]) + (
                 [] if es["msmarco_docs"] is None else ["--max-docs", es["msmarco_docs"]])
             self.ropebert("eval", "retrieval", "--data", self.shared / "msmarco", *model_args, "--baseline", f"st:{ape}",
-                          "--baseline", "bm25", *NO_PREFIXES, *sub,
+                          "--baseline", "bm25", *NO_PREFIXES, *sub, *SIZE_SWEEP,
                           "--output", ev / "msmarco.json", "--plot", plots / "msmarco_retrieval.png", "--no-progress")
             n_q, n_d = es["needle"]
             self.ropebert("eval", "needle", "--model", self.path("models", "stage2"), "--msmarco", self.shared / "msmarco",

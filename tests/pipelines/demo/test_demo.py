@@ -9,6 +9,7 @@ import pytest
 
 from ropebert.pipelines.demo.report import write_summary
 from ropebert.pipelines.demo.run import Demo
+from ropebert.pipelines.search import bytes_per_vector
 
 
 def test_finished_steps_are_skipped_on_rerun(tmp_path):
@@ -151,3 +152,35 @@ def test_summary_names_a_reduced_ms_marco_corpus(tmp_path):
     assert "| MS MARCO (1000 of 5000 passages) nDCG@10 |" in " ".join(text.split("\n")[4].split()).replace("  ", " ")
     assert "stage 2 >= stage 1 on MS MARCO (1000 of 5000 passages)" in text
     assert "stage 1 within 1.0 nDCG@10 point of the APE parent on MS MARCO (1000 of 5000 passages)" in text
+
+
+def test_summary_sizes_table_and_quantisation_checks(tmp_path):
+    """eval retrieval --dims --quantize --rescore: one row per system and dim, what binary / int8 keep of float32
+    for stage 2 (against the 95% target), and stage 2 against the parent at the small dims."""
+    ev = _eval_dir(tmp_path, (0.80, 0.5, 0.78, 0.79), "msmarco.json")
+    doc = json.loads((ev / "msmarco.json").read_text())
+    nd = {("st:/x/ape", 384): (0.80, 0.79, 0.70), ("st:/x/ape", 64): (0.60, 0.59, 0.30),
+          (str(tmp_path / "models/stage2"), 384): (0.79, 0.785, 0.76),
+          (str(tmp_path / "models/stage2"), 64): (0.70, 0.69, 0.50)}
+    for r in doc["results"]:
+        q = [{"dim": dim, "precision": p, "rescore": None if p == "float32" else 100,
+              "bytes_per_vector": bytes_per_vector(dim, p),
+              "metrics": {"ndcg@10": v}} for (name, dim), vals in nd.items() if name == r["name"]
+             for p, v in zip(("float32", "int8", "binary"), vals)]
+        if q:
+            r["quantized"] = q
+    (ev / "msmarco.json").write_text(json.dumps(doc))
+    text = write_summary(tmp_path)
+    assert "int8 / binary re-scored with the float32 query over their top 100" in text
+    rows = [r for r in (" ".join(line.split()) for line in text.splitlines()) if "| 64 |" in r or "| 384 |" in r]
+    assert rows == ["| APE parent all-MiniLM-L6-v2 (sentence-transformers) | 384 | 0.8000 (1536) | 0.7900 (384) | "
+                    "0.7000 (48) |",
+                    "| APE parent all-MiniLM-L6-v2 (sentence-transformers) | 64 | 0.6000 (256) | 0.5900 (64) | "
+                    "0.3000 (8) |",
+                    "| stage 2 (7 hard negatives + distillation) | 384 | 0.7900 (1536) | 0.7850 (384) | 0.7600 (48) |",
+                    "| stage 2 (7 hard negatives + distillation) | 64 | 0.7000 (256) | 0.6900 (64) | 0.5000 (8) |"]
+    assert ("- stage 2 at 384 dims, int8 + rescore: 99.4% of float32 nDCG@10 (0.7850 vs 0.7900; target >= 95%): yes"
+            in text)
+    assert "- stage 2 at 384 dims, binary + rescore: 96.2% of float32 nDCG@10 (0.7600 vs 0.7900" in text
+    assert ("- stage 2 (Matryoshka-trained) vs the APE parent (not trained for it), both cut to 64 dims: 0.7000 vs "
+            "0.6000 (above)") in text
