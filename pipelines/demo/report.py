@@ -108,9 +108,9 @@ def write_summary(out: Path) -> str:
     ms_label = "MS MARCO"
     if ms is not None:
         st = ms["data_stats"]
-        n_file = st.get("num_corpus_file", st["num_corpus"])
-        if st["num_corpus"] < n_file:  # `--max-docs`: every judged passage + a seeded sample of the others
-            ms_label = f"MS MARCO ({st['num_corpus']} of {n_file} passages)"
+        n_ms, n_file = st["num_corpus"], st.get("num_corpus_file", st["num_corpus"])
+        if n_ms < n_file:  # `--max-docs`: every judged passage + a seeded sample of the others
+            ms_label = f"MS MARCO ({n_ms} of {n_file} passages)"
     order = [n for n in [_name("st:"), _name("bm25"), *DISPLAY.values()] if n in d_rows or n in m_rows]
     header = ["system", "held-out docstrings nDCG@10", "MRR@10"]
     if ms is not None:
@@ -129,11 +129,9 @@ def write_summary(out: Path) -> str:
         if ms is None:
             ms_text = "; MS MARCO: ../shared/data absent"
         else:
-            st = ms["data_stats"]
-            n_file = st.get("num_corpus_file", st["num_corpus"])
             ms_text = (f"; MS MARCO subset: {st['num_queries_judged']} queries, "
-                       + (f"the full {n_file} passages" if st["num_corpus"] >= n_file else
-                          f"{st['num_corpus']} of its {n_file} passages (every judged passage + a seeded sample; "
+                       + (f"the full {n_file} passages" if n_ms >= n_file else
+                          f"{n_ms} of its {n_file} passages (every judged passage + a seeded sample; "
                           "`ropebert demo --full-eval` for the full corpus)"))
         lines.append(f"Retrieval (held-out docstrings: {s['num_queries_judged']} queries, {s['num_corpus']} documents"
                      + ms_text + ")")
