@@ -511,10 +511,11 @@ def self_extend_split(q, k, v, ctx: AttentionContext):
     if flash is None or q.device.type != "cpu":
         return self_extend_chunked(q, k, v, ctx)
     if not ctx.packed:
+        # each row's real tokens must be one run [first, first + n) (right or left padding) to be sliced out
         first = mask.float().argmax(dim=-1)  # (B,) first real token
-        if bool((mask.sum(-1) != ctx.seqlens).any()) or not bool(
-                (mask.long().cumsum(-1).gather(1, (first + ctx.seqlens.long() - 1).clamp(min=0)[:, None])[:, 0]
-                 == ctx.seqlens.long()).all()):
+        pos = torch.arange(mask.shape[-1], device=mask.device)  # (L,)
+        run = (pos >= first[:, None]) & (pos < (first + ctx.seqlens.to(first.dtype))[:, None])  # (B, L)
+        if not bool((run == mask.bool()).all()):
             return self_extend_chunked(q, k, v, ctx)
     g, w = ctx.self_extend
     rots = _self_extend_rotations(q, k, ctx)  # (q_p, k_p), (q_g, k_g), (q_gs, k_gs)

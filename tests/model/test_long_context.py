@@ -385,3 +385,29 @@ def test_exported_dir_applies_edited_long_context_keys(exported_tiny, edit, tmp_
     err = (got - ref).abs().max().item()
     assert err <= 1e-4
     assert (unedited - ref).abs().max().item() > 100 * max(err, 1e-7)  # the edit was applied, not ignored
+
+
+def test_self_extend_split_slices_left_padding_and_falls_back_on_a_holed_row(monkeypatch):
+    """split (CPU flash partials) slices each row's one run of real tokens: a left-padded row equals the eager
+    reference; a row whose real tokens are not one run goes through the query-chunked formula instead."""
+    import ropebert.model.modeling_ropebert as mr
+
+    torch.manual_seed(0)
+    H, D, L = 2, 16, 640
+    left = torch.arange(L)[None] >= torch.tensor([L - 600, 0])[:, None]  # row 0 left-padded, row 1 full
+    holed = left.clone()
+    holed[1, 100:110] = False  # ten padding tokens inside row 1's text
+    real, calls = mr.self_extend_chunked, []
+    monkeypatch.setattr(mr, "self_extend_chunked", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for mask, want_fallback in ((left, False), (holed, True)):
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        ctx = AttentionContext(packed=False, positions=pos, attention_mask=mask, has_padding=True,
+                               inv_freq=rope_inv_freq(D, 10000.0), seqlens=mask.sum(-1).to(torch.int32),
+                               scale=D**-0.5, dropout_p=0.0, rope_fn=rope_torch, self_extend=(5, 48),
+                               original_length=512)
+        q, k, v = (torch.randn(2, L, H, D) * 3 for _ in range(3))
+        calls.clear()
+        got = mr.self_extend_split(q, k, v, ctx)
+        assert bool(calls) == want_fallback
+        ref = SELF_EXTEND_IMPLS["eager"](q, k, v, ctx)
+        assert (got - ref)[mask].abs().max() <= 5e-5
