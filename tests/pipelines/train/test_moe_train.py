@@ -324,9 +324,10 @@ def test_demo_moe_config_is_the_dense_recipe_plus_model_moe(tiny_bert_dir, pair_
     assert [lg["init_args"]["name"] for lg in moe["trainer"].pop("logger")] == ["demo-pretrain-moe"] * 2
     dense["trainer"].pop("logger")
     assert moe["trainer"] == dense["trainer"]
-    # it builds through the CLI (here over the tiny 2-layer BERT: layer 1 becomes 8 experts)
+    # it builds through the CLI (here over the tiny 2-layer, 32-wide BERT: layer 1 becomes 8 experts; the
+    # Matryoshka dims cut to its width)
     cli = cli_main(["--config", str(REPO / "configs/demo/pretrain-moe.yaml"), "--model.init_from", str(tiny_bert_dir),
                     "--model.teacher", str(tiny_bert_dir), "--data.train_dir", str(pair_shards),
-                    "--trainer.logger", "false"], run=False)
+                    "--model.matryoshka_dims", "[32, 16, 8]", "--trainer.logger", "false"], run=False)
     assert cli.model.model.config.moe == want and cli.model.model.config.moe_layers == [1]
     assert cli.model.model.encoder.layer[1].moe.experts.intermediate_weight.shape[0] == 8
