@@ -99,6 +99,18 @@ def pytest_sessionfinish(session, exitstatus):
         print("\nROPEBERT_REQUIRE_TESTS: no test passed (none collected, or all skipped) — failing the run")
 
 
+def make_mixture(d) -> Path:
+    """Three pair sources (wiki 40 = 24 + 16 samples, code 24, news 16; keys s<shard>_<i> in each) and a
+    mixture file over them with weights 2:1:1; returns the file."""
+    d = Path(d)
+    for name, sizes in (("wiki", [24, 16]), ("code", [24]), ("news", [16])):
+        make_pair_shards(d / name, sizes)
+    p = d / "mix.yaml"
+    p.write_text("sampling: weights\nsources:\n  - {path: wiki, weight: 2}\n  - {path: code, weight: 1}\n"
+                 "  - {path: news, weight: 1}\n")
+    return p
+
+
 def make_pair_shards(out_dir, sizes, kind="pairs", num_negatives=7, with_scores=True, prefix=""):
     """Write ropebert shards with the given (uneven) sample counts per shard; keys <prefix>s<shard>_<i>, texts
     begin with `prefix` too. Returns the manifest. Texts vary in length so dynamic padding is exercised."""

@@ -8,19 +8,13 @@ import json
 import pytest
 
 from ropebert.pipelines.train.fit import cli_main
-from tests.conftest import make_pair_shards
+from tests.conftest import make_mixture
 from tests.pipelines.train.test_train import _base_args, _last_per_step
 
 
 @pytest.fixture(scope="module")
 def mixture(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mixture")
-    for name, sizes in (("wiki", [24, 16]), ("code", [24]), ("news", [16])):
-        make_pair_shards(d / name, sizes)
-    p = d / "mix.yaml"
-    p.write_text("sampling: weights\nsources:\n  - {path: wiki, weight: 2}\n  - {path: code, weight: 1}\n"
-                 "  - {path: news, weight: 1}\n")
-    return p
+    return make_mixture(tmp_path_factory.mktemp("mixture"))
 
 
 def test_fit_on_a_mixture_logs_sources_and_resumes_exactly(tiny_bert_dir, mixture, tmp_path, monkeypatch):

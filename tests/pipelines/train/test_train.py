@@ -18,7 +18,7 @@ import torch
 from ropebert.model import from_bert
 from ropebert.pipelines.train.fit import cli_main
 from ropebert.pipelines.train.strategy import AtomicCheckpointIO
-from tests.conftest import make_pair_shards
+from tests.conftest import make_mixture, make_pair_shards
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -156,8 +156,6 @@ def test_resume_with_other_batch_size_or_data_is_refused(tiny_bert_dir, pair_sha
         cli_main(_base_args(tiny_bert_dir, pair_shards, tiny_bert_dir, tmp_path, steps=6, batch=4,
                             extra=("--ckpt_path", "last")))
     other = tmp_path / "other-shards"
-    from tests.conftest import make_pair_shards
-
     make_pair_shards(other, [40, 60])
     with pytest.raises(ValueError, match="manifest"):
         cli_main(_base_args(tiny_bert_dir, other, tiny_bert_dir, tmp_path, steps=6, extra=("--ckpt_path", "last")))
@@ -240,13 +238,7 @@ def _fit_cmd(args):
 @pytest.fixture
 def two_rank_mixture(tmp_path):
     """Three homogeneous sources for 2 ranks x 8 (every source holds at least one global batch of 16)."""
-    d = tmp_path / "mixture"
-    for name, sizes in (("wiki", [24, 16]), ("code", [24]), ("news", [16])):
-        make_pair_shards(d / name, sizes)
-    p = d / "mix.yaml"
-    p.write_text("sampling: weights\nsources:\n  - {path: wiki, weight: 2}\n  - {path: code, weight: 1}\n"
-                 "  - {path: news, weight: 1}\n")
-    return p
+    return make_mixture(tmp_path / "mixture")
 
 
 @pytest.mark.slow
