@@ -73,8 +73,9 @@ TRAIN = {"quick": (6, 4, 64, 800), "short": (12, 6, 48, 1000), "full": (None, No
 
 # stage 1 trains on a mixture: the docstring pairs split by package, read as one shard set (batch_source: mixed:
 # every batch mixes the packages in proportion to their sizes). Chosen on held-out docstrings: one package per
-# global batch (homogeneous) scored 1.9 nDCG@10 points lower there after the recipe's 40 steps (BENCHMARKS.md). (package, share of the stage-1 pairs and of the held-out set); the
-# smallest source holds several global batches of 32 at every size.
+# global batch (homogeneous) scored 1.9 nDCG@10 points lower there after the recipe's 40 steps (BENCHMARKS.md).
+# (package, share of the stage-1 pairs and of the held-out set); the smallest source holds several global batches
+# of 32 at every size.
 STAGE1_SOURCES = (("stdlib", 0.4), ("torch", 0.2), ("transformers", 0.2), ("numpy", 0.2))
 # what `shards` builds and stage 1 reads: a change refuses to resume an earlier demo's artifacts
 STAGE1_DATA = ("docstrings by package: " + ", ".join(f"{p} {share:g}" for p, share in STAGE1_SOURCES)
