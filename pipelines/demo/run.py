@@ -20,18 +20,18 @@ Steps (each one a `ropebert ...` command you could run yourself; they are printe
                process (ropebert not importable there) and compare embeddings
   7. evaluate  held-out docstring retrieval and, when ../shared/data exists, MS MARCO (+ BM25) for the APE parent,
                stage 1 and stage 2, also at 384 / 128 / 64 dims stored as float32 / int8 / binary (int8 and binary
-               re-scored in float32 over their top 100); passkey and the real-data needle task at 256-4096 tokens under none / ntk /
-               selfextend, beside the APE parent truncated at 512
+               re-scored in float32 over their top 100); passkey and the real-data needle task at 256-4096
+               tokens under none / ntk / selfextend, beside the APE parent truncated at 512
   8. summary   one table (artifacts/demo_summary.md) and plots (artifacts/plots/)
 No prefixes anywhere: the APE parent was trained without them, and the teacher reads the student's tokens.
 
 Two sizes. The default (`make demo`) is sized for 15 minutes on 2 CPU cores: 1,000 stage-1 pairs, stage 1 12
 steps, stage 2 6 steps on 48 mined queries; held-out docstrings: 300 documents; MS MARCO on its first 10 judged
 queries (their judged passages + a seeded sample, 500 in all); needle / passkey at 3 queries x 3 documents per
-length. `--full` runs the recipe of the configs (stage 1 40
-steps, stage 2 20 steps on 160 mined queries, 2,000 stage-1 pairs, 400 held-out documents) and `--full-eval`: every system, the converted-untrained model
-too, on the FULL MS MARCO subset (43 judged queries, 5,000 passages) and needle / passkey at 20 x 20 per length
-(about 45 minutes in all). `--full-eval` alone re-evaluates a finished run at full size. `--steps N` trains stage 1
+length. `--full` runs the recipe of the configs (stage 1 40 steps, stage 2 20 steps on 160 mined queries, 2,000
+stage-1 pairs, 400 held-out documents) and `--full-eval`: every system, the converted-untrained model too, on the
+FULL MS MARCO subset (43 judged queries, 5,000 passages) and needle / passkey at 20 x 20 per length (about 45
+minutes in all). `--full-eval` alone re-evaluates a finished run at full size. `--steps N` trains stage 1
 for N steps. `--curve K` keeps every K-th stage-1 checkpoint (and stage 2's every 10 steps) and adds an
 nDCG@10-vs-steps table of both stages (held-out docstrings and, when present, MS MARCO) to the summary.
 
@@ -148,8 +148,9 @@ class Demo:
         n_train = TRAIN[self.scale][3]
         root = self.path("shards", "stage1")
         for pkg, share in STAGE1_SOURCES:
-            self.ropebert("shards", "build", "--format", "docstrings", "--input", pkg, "--split", "train", "--limit",
-                          round(n_train * share), "--maxcount", 500, "--out", root / pkg, "--overwrite", "--no-progress")
+            self.ropebert("shards", "build", "--format", "docstrings", "--input", pkg, "--split", "train",
+                          "--limit", round(n_train * share), "--maxcount", 500, "--out", root / pkg, "--overwrite",
+                          "--no-progress")
         mixture = "\n".join([
             "# stage-1 docstring pairs by package (ropebert demo), read as one shard set: every batch mixes the",
             "# packages in proportion to their sizes (held-out docstrings scored one package per batch lower)",
@@ -159,7 +160,8 @@ class Demo:
         tmp.write_text(mixture, encoding="utf-8")
         tmp.replace(self.stage1_data)
         print(f"[demo] stage-1 mixture: {self.stage1_data}")
-        self.heldout_beir(self.path("eval", "docstrings-heldout"), limit={"quick": 150, "short": 300}.get(self.scale, 400))
+        held_out = {"quick": 150, "short": 300}.get(self.scale, 400)  # documents
+        self.heldout_beir(self.path("eval", "docstrings-heldout"), limit=held_out)
 
     @property
     def stage1_data(self) -> Path:
