@@ -29,7 +29,7 @@ Two sizes. The default (`make demo`) is sized for 15 minutes on 2 CPU cores: 1,0
 steps, stage 2 6 steps on 48 mined queries; held-out docstrings: 300 documents; MS MARCO on its first 10 judged
 queries (their judged passages + a seeded sample, 500 in all); needle / passkey at 3 queries x 3 documents per
 length. `--full` runs the recipe of the configs (stage 1 40 steps, stage 2 20 steps on 160 mined queries, 2,000
-stage-1 pairs, 400 held-out documents) and `--full-eval`: every system, the converted-untrained model too, on the
+stage-1 pairs, up to 400 held-out documents) and `--full-eval`: every system, the converted-untrained model too, on the
 FULL MS MARCO subset (43 judged queries, 5,000 passages) and needle / passkey at 20 x 20 per length (about 45
 minutes in all). `--full-eval` alone re-evaluates a finished run at full size. `--steps N` trains stage 1
 for N steps. `--curve K` keeps every K-th stage-1 checkpoint (and stage 2's every 10 steps) and adds an
