@@ -112,13 +112,12 @@ def load_beir(root: Path, split: str, min_grade: int, corpus_limit: Optional[int
     return items, ids, texts, judged
 
 
-def load_pair_shards(path: str, max_queries: Optional[int]):
-    """A pair-shard directory, or a mixture file of them (ropebert.shards.mixture). With a mixture the sources'
+def load_pair_shards(path: str, max_queries: Optional[int], mix=None):
+    """A pair-shard directory, or a mixture file of them (`mix`: its load_mixture). With a mixture the sources'
     queries are taken round-robin (one of each source in turn, in the file's order) before `max_queries` keeps the
     first N, so every source is mined; the corpus is every distinct positive of every source. A key that two
     sources share is an error naming both (the mined shards keep the input keys)."""
-    if is_mixture_file(path):
-        mix = load_mixture(path)
+    if mix is not None:
         if mix.kind != "pairs":
             raise InputError(f"{path}: mine --format shards reads pair shards; the mixture's sources are {mix.kind!r}")
         dirs = [(s.name, s.path) for s in mix.sources]
@@ -276,11 +275,13 @@ def mine(args) -> dict:
         raise InputError(f"need 1 <= --num-negatives <= --top-k (got {args.num_negatives}, {args.top_k})")
     src = Path(args.input)
     skips = SkipCounter()
+    mix = None  # the loaded mixture file, with --format shards
     if args.format == "beir":
         items, corpus_ids, corpus_texts, judged = load_beir(src, args.beir_split, args.min_grade, args.corpus_limit,
                                                            args.max_queries, args.on_error, skips)
     elif args.format == "shards":
-        items, corpus_ids, corpus_texts, judged = load_pair_shards(str(src), args.max_queries)
+        mix = load_mixture(str(src)) if is_mixture_file(str(src)) else None
+        items, corpus_ids, corpus_texts, judged = load_pair_shards(str(src), args.max_queries, mix)
     else:
         raise InputError(f"--format must be beir or shards, got {args.format!r}")
     if not items:
@@ -288,8 +289,8 @@ def mine(args) -> dict:
     out = Path(args.out)
     fp = _fingerprint(args, len(items), corpus_ids)
     check_not_inside(out, src, "mine")
-    if args.format == "shards" and is_mixture_file(str(src)):  # a mixture's sources may live elsewhere
-        for source in load_mixture(str(src)).sources:
+    if args.format == "shards" and mix is not None:  # a mixture's sources may live elsewhere
+        for source in mix.sources:
             check_not_inside(out, source.path, "mine")
     OutputDir(out, what="mine", overwrite=args.overwrite, owned=shards_owned).check()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
