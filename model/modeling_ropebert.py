@@ -763,8 +763,10 @@ class RopeBertLayer(nn.Module):
 #
 # Dropless: every token reaches its k experts, no capacity. Only real tokens are routed (padded batches are
 # unpadded inside the layer). Dispatch "sorted": the T*k (token, expert) slots are sorted by expert so each
-# expert runs one GEMM pair on a contiguous slice, and the weighted outputs are scattered back; "dense" (the
-# reference for tests): every expert on every token, combined with the routing weights (0 for unchosen experts).
+# expert runs one GEMM pair on a contiguous slice, and the weighted outputs are scattered back; "grouped": the
+# same slices, each projection of all experts as one grouped GEMM (torch._grouped_mm; the default where it runs:
+# CPU, and bf16 on sm90+ CUDA); "dense" (the reference for tests): every expert on every token, combined with the
+# routing weights (0 for unchosen experts).
 # Load balancing (Switch Transformer): aux = E * sum_e f_e * P_e per layer, f_e the fraction of the T*k slots
 # routed to e, P_e the mean router probability of e; 1 when perfectly balanced, E when all go to one expert.
 # ----------------------------------------------------------------------------------------------------------
@@ -821,14 +823,59 @@ def moe_dispatch_dense(experts: RopeBertExperts, x: torch.Tensor, weights: torch
     return (ys * combine[..., None].to(ys.dtype)).sum(dim=1)  # (T, C)
 
 
-# name -> fn(experts, x (T, C), weights (T, k), index (T, k)) -> (T, C); RopeBertMoE.impl picks one
-MOE_IMPLS: dict[str, Callable] = {"sorted": moe_dispatch_sorted, "dense": moe_dispatch_dense}
+def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, offs: torch.Tensor,
+                    expert: torch.Tensor) -> torch.Tensor:
+    """One grouped GEMM: rows offs[e-1]:offs[e] of x (N, in) times weight[e]^T (E, out, in) plus bias[e] (E, out).
+    expert (N,) is each row's expert (for the bias). Empty experts are empty groups."""
+    y = torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)  # (N, out)
+    if y.requires_grad:  # its backward needs a contiguous incoming gradient (a sum's expanded one is not)
+        y.register_hook(lambda g: g.contiguous())
+    return y + bias[expert]
+
+
+def moe_dispatch_grouped(experts: RopeBertExperts, x: torch.Tensor, weights: torch.Tensor,
+                         index: torch.Tensor) -> torch.Tensor:
+    """As "sorted", but each projection of all experts is ONE grouped GEMM (torch._grouped_mm over the experts'
+    slices of the sorted slots) instead of a Python loop of E GEMMs. x (T, C), weights / index (T, k) -> (T, C)."""
+    T, k = index.shape
+    flat = index.reshape(-1)  # (T*k,)
+    order = flat.argsort(stable=True)
+    token, expert = order // k, flat[order]  # (T*k,) token and expert of each sorted slot
+    offs = torch.bincount(flat, minlength=experts.num_experts).cumsum(0).to(torch.int32)  # (E,) slice ends
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    xs = x[token].to(dtype)  # (T*k, C)
+    h = experts.act(_grouped_linear(xs, experts.intermediate_weight.to(dtype), experts.intermediate_bias.to(dtype),
+                                    offs, expert))  # (T*k, I)
+    ys = _grouped_linear(h, experts.output_weight.to(dtype), experts.output_bias.to(dtype), offs, expert)  # (T*k, C)
+    ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
+    return torch.zeros(x.shape, dtype=ys.dtype, device=x.device).index_add_(0, token, ys).to(x.dtype)  # (T, C)
+
+
+def grouped_mm_available(x: torch.Tensor) -> bool:
+    """Whether "grouped" can run on x: torch has _grouped_mm, and on CUDA the input is bf16 on sm90+ (its CUDA
+    kernel's constraint); on CPU every float dtype runs."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    if x.device.type != "cuda":
+        return False
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    return dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+# name -> fn(experts, x (T, C), weights (T, k), index (T, k)) -> (T, C); RopeBertMoE.impl picks one ("auto":
+# "grouped" where grouped_mm_available, else "sorted")
+MOE_IMPLS: dict[str, Callable] = {"sorted": moe_dispatch_sorted, "grouped": moe_dispatch_grouped,
+                                  "dense": moe_dispatch_dense}
 
 
 def set_moe_impl(model: nn.Module, name: str) -> None:
     """Use dispatch `name` (a MOE_IMPLS key) in every MoE layer of `model`."""
-    if name not in MOE_IMPLS:
-        raise ValueError(f"unknown MoE dispatch {name!r}; available: {sorted(MOE_IMPLS)}")
+    if name not in MOE_IMPLS and name != "auto":
+        raise ValueError(f"unknown MoE dispatch {name!r}; available: {sorted(MOE_IMPLS) + ['auto']}")
     for m in model.modules():
         if isinstance(m, RopeBertMoE):
             m.impl = name
@@ -846,7 +893,7 @@ class RopeBertMoE(nn.Module):
         self.normalize_weights = bool(m["normalize_weights"])
         self.router = nn.Linear(config.hidden_size, self.num_experts, bias=False)
         self.experts = RopeBertExperts(config)
-        self.impl = "sorted"
+        self.impl = "auto"
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (T, C) -> fp32 probabilities (T, E), top-k weights (T, k), expert indices (T, k)."""
@@ -860,7 +907,10 @@ class RopeBertMoE(nn.Module):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
         flat = x.reshape(-1, x.shape[-1]) if mask is None else x[mask]  # (T, C) real tokens only
         probs, weights, index = self.route(flat)
-        y = MOE_IMPLS[self.impl](self.experts, flat, weights, index)  # (T, C)
+        impl = self.impl
+        if impl == "auto":
+            impl = "grouped" if grouped_mm_available(flat) else "sorted"
+        y = MOE_IMPLS[impl](self.experts, flat, weights, index)  # (T, C)
         if mask is not None:
             out = x.new_zeros(x.shape)  # (B, L, C); padding positions get no FFN output
             out[mask] = y

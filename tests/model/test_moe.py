@@ -12,7 +12,15 @@ import torch.nn.functional as F
 from ropebert.errors import InputError
 from ropebert.model import RopeBertModel
 from ropebert.model.load import load_source
-from ropebert.model.modeling_ropebert import RopeBertMoELayer, set_moe_impl
+from ropebert.model.modeling_ropebert import (
+    RopeBertExperts,
+    RopeBertMoELayer,
+    grouped_mm_available,
+    moe_dispatch_dense,
+    moe_dispatch_grouped,
+    moe_dispatch_sorted,
+    set_moe_impl,
+)
 from tests.conftest import padded_batch, tiny_config
 
 MOE = {"num_experts": 4, "top_k": 2}
@@ -60,8 +68,9 @@ def test_layout_defaults_and_weight_names():
     assert type(cfg).from_dict(cfg.to_dict()).moe == cfg.moe
 
 
+@pytest.mark.parametrize("impl", ["sorted", "grouped"])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_sorted_dispatch_equals_dense_reference_forward_and_backward(normalize):
+def test_sparse_dispatch_equals_dense_reference_forward_and_backward(normalize, impl):
     model = moe_model(normalize_weights=normalize).train()
     ids, mask = padded_batch([7, 12, 3, 9])
 
@@ -72,7 +81,7 @@ def test_sorted_dispatch_equals_dense_reference_forward_and_backward(normalize):
         (emb.square().sum() + aux).backward()
         return emb.detach(), aux.detach(), stats, {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    e1, a1, s1, g1 = run("sorted")
+    e1, a1, s1, g1 = run(impl)
     e2, a2, s2, g2 = run("dense")
     torch.testing.assert_close(e1, e2, atol=1e-6, rtol=0)
     torch.testing.assert_close(a1, a2, atol=1e-6, rtol=0)
@@ -82,6 +91,36 @@ def test_sorted_dispatch_equals_dense_reference_forward_and_backward(normalize):
     assert g1["encoder.layer.1.moe.router.weight"].abs().sum() > 0  # the router learns (aux + weights)
     with pytest.raises(ValueError, match="unknown MoE dispatch"):
         set_moe_impl(model, "megablocks")
+
+
+def test_grouped_gemm_dispatch_with_empty_experts_equals_the_loop_and_the_reference():
+    """One grouped GEMM per projection (torch._grouped_mm) with experts that receive no slot (empty groups, first,
+    middle and last), forward and backward, against the per-expert loop and the dense reference."""
+    torch.manual_seed(0)
+    experts = RopeBertExperts(tiny_config(moe={"num_experts": 5, "top_k": 2}))
+    for prm in experts.parameters():
+        torch.nn.init.normal_(prm, std=0.5)
+    x0 = torch.randn(9, experts.intermediate_weight.shape[-1])
+    index = torch.tensor([[1, 3]] * 4 + [[3, 1]] * 3 + [[1, 2], [2, 3]])  # experts 0 and 4 empty
+    w0 = torch.rand(9, 2)
+    assert grouped_mm_available(x0)  # CPU: every float dtype
+
+    def run(fn):
+        experts.zero_grad()
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        y = fn(experts, x, w, index)
+        y.sum().backward()  # a sum's gradient is expanded (stride 0): the grouped backward must take it
+        return [y.detach(), x.grad, w.grad] + [p.grad.clone() for p in experts.parameters()]
+
+    ref = run(moe_dispatch_dense)
+    for fn in (moe_dispatch_sorted, moe_dispatch_grouped):
+        for a, b in zip(run(fn), ref):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert ref[3][0].abs().sum() == 0 and ref[3][4].abs().sum() == 0  # empty experts get no gradient
+    # bf16 on CPU runs too (the CUDA kernel's dtype)
+    y16 = moe_dispatch_grouped(experts, x0.bfloat16(), w0, index)
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), ref[0], atol=0.1, rtol=0.05)
 
 
 def test_padded_and_packed_layouts_route_the_same_real_tokens():
@@ -176,3 +215,33 @@ def test_moe_config_over_dense_or_other_expert_count_is_a_clear_load_error(tmp_p
     edit(moe_dir, lambda c: c.update(moe=None))
     with pytest.raises(InputError, match=r"hold experts .* no `moe` block"):
         load_source(str(moe_dir))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_grouped_gemm_dispatch_agrees_with_the_loop_in_bf16():
+    """On CUDA in bf16 the grouped GEMM (where this device runs it) against the per-expert loop, forward and
+    backward, under autocast as training runs it; "auto" picks it exactly where grouped_mm_available says so."""
+    torch.manual_seed(0)
+    model = moe_model(layers=4, num_experts=8).cuda().train()
+    ids, mask = padded_batch([40, 7, 64, 33], seed=3)
+    ids, mask = ids.cuda(), mask.cuda()
+    probe = torch.zeros(1, device="cuda", dtype=torch.bfloat16)
+    if not grouped_mm_available(probe):
+        pytest.skip(f"torch._grouped_mm does not run bf16 on this device ({torch.cuda.get_device_name()})")
+
+    def run(impl):
+        set_moe_impl(model, impl)
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            emb, aux, _ = model.embed(ids, mask, output_moe=True)
+        (emb.float().square().sum() + aux).backward()
+        return emb.float().detach(), {n: p.grad.float().clone() for n, p in model.named_parameters()
+                                      if p.grad is not None}
+
+    e1, g1 = run("grouped")
+    e2, g2 = run("sorted")
+    torch.testing.assert_close(e1, e2, atol=2e-2, rtol=0)
+    for n in g2:
+        scale = g2[n].abs().max().item() + 1e-6
+        assert (g1[n] - g2[n]).abs().max().item() <= 5e-2 * scale, n
