@@ -26,6 +26,12 @@ tokenised batch of real variable-length (query, passage) text, for:
     the dense model (a) it was upcycled from. Each token runs 2 experts, so an MoE layer's FFN does 2x the dense
     FFN's work; its FLOPs / MFU count the active parameters (the top-2 experts and the router per token). The
     ratio row gains moe_overhead (MoE step / dense step) and moe_tokens_per_s_ratio.
+    --moe also times a fourth model, the DENSE model with the MoE's active parameters: DIR with every layer's FFN
+    widened from I to I * (L + m * (top_k - 1)) / L units (m MoE layers of L; MiniLM: 1536 -> 2304), the new units'
+    input weights seeded random and their output weights zero (it computes what DIR computes at step 0). Its
+    encoder-layer parameters equal the MoE's active ones up to the routers (8 x C per MoE layer) and the second
+    expert's output bias (C per MoE layer). The ratio row gains moe_vs_dense_active (MoE step / that model's
+    step) and its tokens/s ratio.
 (d) with --matryoshka, a row of the same module with model.matryoshka_dims = [C, 256, 128, 64] (the demo's dims
     below the width C): the loss of (a) on every prefix, renormalised, summed; the ratio row gains
     matryoshka_overhead (its step / the plain step, same loop). --teacher adds the teacher row the same way.
@@ -115,12 +121,14 @@ MODELS = ("ropebert", "baseline")
 TEACHER = "ropebert+teacher"
 MOE = "ropebert+moe"
 MRL = "ropebert+matryoshka"
+WIDE = "ropebert-dense-active"
 MATRYOSHKA_DIMS = [384, 256, 128, 64]  # the demo's; cut to the model's width
 MOE_SETTING = {"num_experts": 8, "top_k": 2, "every_n_layers": 2}  # Nomic Embed v2's layout
 LABELS = {"ropebert": "ropebert (contrastive_step + contrastive_loss)",
           MOE: "ropebert MoE, upcycled (8 experts, top-2, every 2nd layer; + load-balancing loss)",
           TEACHER: "ropebert + frozen APE teacher (hidden MSE, pooled, score KL; weights 1)",
           MRL: "ropebert + Matryoshka loss (InfoNCE on every prefix, weights 1)",
+          WIDE: "ropebert dense, FFN widened to the MoE's active parameters",
           "baseline": "HF BertModel sdpa padded + ST MNRL"}
 
 
@@ -249,6 +257,43 @@ def prepare_model_dir(shape: str, seed: int, tmp: str, tokenizer: str | None = N
     BertModel(cfg).save_pretrained(out)
     AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out)  # the 30,522-token uncased WordPiece vocab
     return out, f"seeded random {shape} BERT (same weights both sides)"
+
+
+def widen_ffn_dir(model_dir: str, tmp: str, seed: int) -> tuple[str, int]:
+    """(directory, new intermediate size) of DIR with every FFN widened to the MoE's active FFN units per token
+    (MOE_SETTING's layout): new units' input weights ~ N(0, initializer_range), output weights 0, biases 0."""
+    from transformers import AutoTokenizer, BertModel
+
+    src = BertModel.from_pretrained(model_dir, add_pooling_layer=False)
+    cfg = src.config
+    L, moe = cfg.num_hidden_layers, MOE_SETTING
+    m = sum(1 for i in range(L) if i % moe["every_n_layers"] == 1)
+    inner = cfg.intermediate_size * (L + m * (moe["top_k"] - 1)) // L
+    wide_cfg = type(cfg).from_dict({**cfg.to_dict(), "intermediate_size": inner})
+    torch.manual_seed(seed)
+    wide = BertModel(wide_cfg, add_pooling_layer=False)
+    sd = wide.state_dict()
+    I = cfg.intermediate_size
+    with torch.no_grad():
+        for name, t in src.state_dict().items():
+            if name not in sd:
+                continue
+            if sd[name].shape == t.shape:
+                sd[name].copy_(t)
+            elif name.endswith("intermediate.dense.weight") or name.endswith("intermediate.dense.bias"):
+                sd[name][:I].copy_(t)
+                if name.endswith(".bias"):
+                    sd[name][I:].zero_()
+            elif name.endswith("output.dense.weight"):  # (C, I') : the new units contribute nothing at step 0
+                sd[name][:, :I].copy_(t)
+                sd[name][:, I:].zero_()
+            else:
+                raise RuntimeError(f"widen_ffn_dir: unexpected shape change of {name}")
+    wide.load_state_dict(sd)
+    out = os.path.join(tmp, "bert-dense-active")
+    wide.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out, inner
 
 
 def make_batch(args, tmp: str) -> tuple[dict, dict]:
@@ -414,7 +459,8 @@ def _mem_worker(payload: str, json_path: str) -> None:
     build = {"ropebert": build_ropebert, "baseline": build_baseline,
              TEACHER: lambda *a: build_ropebert(*a, teacher=True),
              MOE: lambda *a: build_ropebert(*a, moe=True),
-             MRL: lambda *a: build_ropebert(*a, matryoshka=True)}[cfg["model"]]
+             MRL: lambda *a: build_ropebert(*a, matryoshka=True),
+             WIDE: build_ropebert}[cfg["model"]]
     row = {"model": cfg["model"]}
     gpu = device.type == "cuda"
     mem = PeakMemory(device)
@@ -485,7 +531,7 @@ def run(args: Union[argparse.Namespace, Sequence[str], None] = None, *, log=None
         bl_mod, bl_step = build_baseline(model_dir, groups, args, device)
         counts = {"ropebert": param_counts(rb_mod.model), "baseline": param_counts(bl_mod[0].model)}
         models = (MODELS + ((TEACHER,) if args.teacher else ()) + ((MRL,) if args.matryoshka else ())
-                  + ((MOE,) if args.moe else ()))
+                  + ((MOE, WIDE) if args.moe else ()))
         steps = {"ropebert": rb_step, "baseline": bl_step}
         if args.teacher:
             steps[TEACHER] = build_ropebert(model_dir, groups, args, device, teacher=True)[1]
@@ -496,6 +542,10 @@ def run(args: Union[argparse.Namespace, Sequence[str], None] = None, *, log=None
             counts[MOE] = {**param_counts(moe_mod.model), "active_encoder_layers": active_layer_params(moe_mod.model),
                            "moe_layers": list(moe_mod.model.config.moe_layers)}
             del moe_mod
+            wide_dir, wide_inner = widen_ffn_dir(model_dir, tmp, args.seed)
+            wide_mod, steps[WIDE] = build_ropebert(wide_dir, groups, args, device)
+            counts[WIDE] = {**param_counts(wide_mod.model), "intermediate_size": wide_inner}
+            del wide_mod
         from ropebert.model.modeling_ropebert import resolve_attention_backend
 
         def backend_for(g):
@@ -512,6 +562,8 @@ def run(args: Union[argparse.Namespace, Sequence[str], None] = None, *, log=None
         if args.moe:  # the active parameters: top-2 experts + router in the MoE layers
             row_flops[MOE] = step_flops(counts[MOE]["active_encoder_layers"], cfg.num_hidden_layers, cfg.hidden_size,
                                         lengths)
+            row_flops[WIDE] = step_flops(counts[WIDE]["encoder_layers"], cfg.num_hidden_layers, cfg.hidden_size,
+                                         lengths)
         peak = args.peak_tflops
         if peak is None and gpu and dtype == torch.bfloat16:
             peak = gpu_peak_tflops(torch.cuda.get_device_name(device))
@@ -541,7 +593,7 @@ def run(args: Union[argparse.Namespace, Sequence[str], None] = None, *, log=None
             for name in models:
                 log(f"[train_step] peak memory of {name} (fresh subprocess) ...")
                 med = statistics.median(times[name])
-                mem[name] = measure_memory(name, model_dir, batch_file, args,
+                mem[name] = measure_memory(name, wide_dir if name == WIDE else model_dir, batch_file, args,
                                            timeout=max(300.0, 20 * med * (args.warmup + 2)))
                 if mem[name]["status"] != "ok":
                     log(f"[train_step]   {mem[name]['status']}\n{mem[name].get('error', '')}")
@@ -591,6 +643,8 @@ def run(args: Union[argparse.Namespace, Sequence[str], None] = None, *, log=None
     if args.moe:  # the MoE vs the dense model it was upcycled from, same loop
         extra["moe_overhead"] = by[MOE]["step_s"] / rows[0]["step_s"]
         extra["moe_tokens_per_s_ratio"] = by[MOE]["real_tokens_per_s"] / rows[0]["real_tokens_per_s"]
+        extra["moe_vs_dense_active"] = by[MOE]["step_s"] / by[WIDE]["step_s"]
+        extra["moe_vs_dense_active_tokens_per_s"] = by[MOE]["real_tokens_per_s"] / by[WIDE]["real_tokens_per_s"]
     rows.append({"model": "ratio", "status": "ok", "ratio": ratio, "targets": targets, "met": met,
                  "setting": setting, **extra})
     run.header = setting
@@ -650,6 +704,9 @@ def report(rows: list[dict], command: str) -> str:
            f"{rr['moe_overhead']:.2f}x the dense step's, tokens/s {rr['moe_tokens_per_s_ratio']:.2f}x; "
            f"MoE FLOPs/step {s['moe_flops_per_step'] / 1e12:.3f} TFLOP (active parameters)"]
           if "moe_overhead" in rr else []),
+        *([f"MoE vs the dense model with its active parameters (FFN {c[WIDE]['intermediate_size']} units, "
+           f"{c[WIDE]['encoder_layers']:,} encoder-layer params): step {rr['moe_vs_dense_active']:.2f}x, tokens/s "
+           f"{rr['moe_vs_dense_active_tokens_per_s']:.2f}x"] if "moe_vs_dense_active" in rr else []),
         "step times (s): " + "; ".join(f"{r['model']} " + ", ".join(f"{t:.2f}" for t in r["step_s_all"])
                                        for r in rows[:-1]),
         "FLOPs/step = 3 * sum_i (2 N n_i + 4 L C n_i^2) over real tokens (N = encoder-layer params, "

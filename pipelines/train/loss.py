@@ -39,7 +39,7 @@ Logits, log-softmax and the loss are computed in fp32 with autocast disabled, wh
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -240,6 +240,7 @@ def contrastive_loss(
     teacher_score_temperature: float = 0.05,
     matryoshka_dims: Optional[Sequence[int]] = None,
     matryoshka_weights: Optional[Sequence[float]] = None,
+    matryoshka_teacher_embed: Literal["prefix", "full"] = "prefix",
     query_hashes: Optional[torch.Tensor] = None,
     passage_hashes: Optional[torch.Tensor] = None,
     negative_hashes: Optional[torch.Tensor] = None,
@@ -280,6 +281,10 @@ def contrastive_loss(
             does not shrink with the student). Embeddings are gathered once at full D and cut after, so this is
             exact under gather and GradCache (it only reads the cached full embeddings).
         matryoshka_weights: one weight per matryoshka_dims entry (default: all 1.0).
+        matryoshka_teacher_embed: where the teacher embed term is computed with matryoshka_dims: "prefix" (at
+            every dim, as above) or "full" (at the largest of matryoshka_dims only). A teacher that was not Matryoshka-trained has
+            weak prefixes, and "prefix" pulls the student's prefixes to them; "full" leaves the small dims to
+            InfoNCE and the score KL (whose target is the teacher's full-dim scores at every dim).
         query_hashes / passage_hashes / negative_hashes: optional int64 (B,) / (B,) / (B, K) hashes of the
             normalised query, positive and hard-negative texts (the loader's `hashes`), gathered like the
             embeddings: false negatives are removed from every query's candidates (module docstring). Each is
@@ -318,6 +323,10 @@ def contrastive_loss(
     if contrastive_weight < 0:
         raise ValueError(f"contrastive_loss: contrastive_weight must be >= 0, got {contrastive_weight}")
     plan = _matryoshka_plan(matryoshka_dims, matryoshka_weights, D)
+    d_top = max(d for d, _ in plan)  # the largest trained dim
+    if matryoshka_teacher_embed not in ("prefix", "full"):
+        raise ValueError(f"contrastive_loss: matryoshka_teacher_embed must be 'prefix' or 'full', "
+                         f"got {matryoshka_teacher_embed!r}")
     fn_mask = false_negative_mask(query_hashes, passage_hashes, negative_hashes, B=B, K=K, gather=gather)
     own_mask = None  # (B, 1+K): the query's own hard negatives that are its positive's text
     if fn_mask is not None and K and negative_hashes is not None:
@@ -381,7 +390,7 @@ def contrastive_loss(
                 s_logp = F.log_softmax(student, dim=-1)
                 out["kl"] = _masked_kl(t_logp, s_logp, own_mask)  # KL(teacher || student)
                 out["loss"] = alpha * infonce + out["kl"]
-            if teacher_embed_weight:
+            if teacher_embed_weight and (matryoshka_teacher_embed == "prefix" or d == d_top):
                 tq_d, tp_d = _prefix(teacher_query.float(), d, D), _prefix(teacher_passage.float(), d, D)
                 cos = [(q * tq_d).sum(-1), (p * tp_d).sum(-1)]
                 if K:
@@ -395,7 +404,6 @@ def contrastive_loss(
             return out
 
         per_dim, loss, top = {}, None, None
-        d_top = max(d for d, _ in plan)
         for d, w in plan:
             r = at_dim(d)
             per_dim[d] = r["loss"]

@@ -159,6 +159,7 @@ class RopeBertContrastive(L.LightningModule):
         matryoshka_dims: Optional[list[int]] = None,
         matryoshka_weights: Optional[list[float]] = None,
         matryoshka_layers: Optional[list[int]] = None,
+        matryoshka_teacher_embed: Literal["prefix", "full"] = "prefix",
         mask_false_negatives: bool = True,
         lr: float = 2e-4,
         weight_decay: float = 0.01,
@@ -223,6 +224,9 @@ class RopeBertContrastive(L.LightningModule):
                 matryoshka_dims (or the full dim), is used in every step and the losses are summed. GradCache
                 caches every layer's embedding of a text ((N, S, D)) and one replay backpropagates them together.
                 Recorded in the model's config (`matryoshka_layers`). None = the last layer only.
+            matryoshka_teacher_embed: with matryoshka_dims and teacher_embed_weight, "prefix" aligns every prefix
+                to the teacher's prefix; "full" aligns the largest dim only, so the small dims are shaped by
+                InfoNCE and the teacher's score KL (the teacher's full-dim scores are the target at every dim).
             mask_false_negatives: remove in-batch duplicates from each query's negatives, using the loader's
                 64-bit hashes of the normalised texts (shards/hashing.py): every global passage or hard negative
                 with the text of the query's own positive, and the positive of every other query with the same
@@ -299,6 +303,8 @@ class RopeBertContrastive(L.LightningModule):
             raise InputError(f"model.max_nonfinite must be >= 1, got {max_nonfinite}")
         if matryoshka_weights is not None and matryoshka_dims is None:
             raise InputError("model.matryoshka_weights needs model.matryoshka_dims")
+        if matryoshka_teacher_embed not in ("prefix", "full"):
+            raise InputError(f"model.matryoshka_teacher_embed must be 'prefix' or 'full', got {matryoshka_teacher_embed!r}")
         moe_block = moe_settings(moe)
         self.save_hyperparameters()
         self.hparams["moe"] = moe_block  # a plain dict: checkpoints are read with weights_only=True
@@ -548,7 +554,8 @@ class RopeBertContrastive(L.LightningModule):
                 teacher_embed_weight=hp.teacher_embed_weight if t else 0.0,
                 teacher_score_weight=hp.teacher_score_weight if t else 0.0,
                 teacher_score_temperature=hp.teacher_temperature or LIVE_TEACHER_TEMPERATURE,
-                matryoshka_dims=mdims, matryoshka_weights=mweights, query_hashes=hashes.get("query"),
+                matryoshka_dims=mdims, matryoshka_weights=mweights,
+                matryoshka_teacher_embed=hp.matryoshka_teacher_embed, query_hashes=hashes.get("query"),
                 passage_hashes=hashes.get("passage"), negative_hashes=hashes.get("negatives") if n is not None else None,
                 return_stats=True)
 

@@ -108,9 +108,11 @@ def _norm_prefix(x, d):
     return F.normalize(x[..., :d], dim=-1)
 
 
-def test_matryoshka_equals_weighted_sum_of_single_dim_losses():
+@pytest.mark.parametrize("mode", ["prefix", "full"])
+def test_matryoshka_equals_weighted_sum_of_single_dim_losses(mode):
     """Every term (InfoNCE both ways, shard-score KL, teacher embed and teacher score KL) per dim, summed with the
-    weights; the teacher score target stays the teacher's full-dim score row."""
+    weights; the teacher score target stays the teacher's full-dim score row. matryoshka_teacher_embed="full":
+    the teacher embed term at the largest dim only."""
     B, K, D = 4, 3, 16
     q, p, n = _unit(B, D, seed=1), _unit(B, D, seed=2), _unit(B, K, D, seed=3)
     tq, tp, tn = _unit(B, D, seed=4), _unit(B, D, seed=5), _unit(B, K, D, seed=6)
@@ -119,7 +121,8 @@ def test_matryoshka_equals_weighted_sum_of_single_dim_losses():
     kw = dict(temperature=0.05, teacher_scores=scores, alpha=0.3, symmetric=True)
     got, stats = contrastive_loss(q, p, n, **kw, teacher_query=tq, teacher_passage=tp, teacher_negative=tn,
                                   teacher_embed_weight=0.7, teacher_score_weight=0.4, teacher_score_temperature=0.1,
-                                  matryoshka_dims=dims, matryoshka_weights=weights, return_stats=True)
+                                  matryoshka_dims=dims, matryoshka_weights=weights, matryoshka_teacher_embed=mode,
+                                  return_stats=True)
     t_cands = torch.cat([tp, tn.reshape(B * K, D)])
     t_logp = torch.log_softmax(tq @ t_cands.T / 0.1, dim=-1)  # full-dim teacher rows
     want = 0.0
@@ -130,7 +133,7 @@ def test_matryoshka_equals_weighted_sum_of_single_dim_losses():
                                (nd * _norm_prefix(tn, d)).sum(-1).reshape(-1)]).mean()
         s_logp = torch.log_softmax(qd @ torch.cat([pd, nd.reshape(B * K, d)]).T / 0.05, dim=-1)
         tkl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
-        total_d = single + 0.7 * embed + 0.4 * tkl
+        total_d = single + (0.7 * embed if mode == "prefix" or d == 16 else 0.0) + 0.4 * tkl
         assert stats[f"loss@{d}"].item() == pytest.approx(total_d.item(), rel=1e-4), d
         want = want + w * total_d
     assert got.item() == pytest.approx(want.item(), rel=1e-4)
@@ -153,6 +156,8 @@ def test_matryoshka_bad_arguments_are_errors():
         contrastive_loss(q, p, matryoshka_dims=[8, 4, 2], matryoshka_weights=[1.0, 1.0])
     with pytest.raises(ValueError, match="without matryoshka_dims"):
         contrastive_loss(q, p, matryoshka_weights=[1.0])
+    with pytest.raises(ValueError, match="matryoshka_teacher_embed must be 'prefix' or 'full'"):
+        contrastive_loss(q, p, matryoshka_dims=[8, 4], matryoshka_teacher_embed="top")
 
 
 # -- false negatives: duplicates removed from the candidates, exactly --------------------------------------------

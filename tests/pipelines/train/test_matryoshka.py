@@ -25,6 +25,7 @@ def _module(init, **kw):
     (dict(matryoshka_weights=[1.0]), "needs model.matryoshka_dims"),
     (dict(matryoshka_dims=[]), "is empty"),
     (dict(matryoshka_dims=[32, 0]), r"\[0\] must be >= 1"),
+    (dict(matryoshka_dims=[32, 16], matryoshka_teacher_embed="all"), "must be 'prefix' or 'full'"),
 ])
 def test_bad_matryoshka_settings_are_clear_errors(tiny_bert_dir, kw, match):
     with pytest.raises(InputError, match=match):
