@@ -79,3 +79,29 @@ def test_packed_popcount_and_helpers():
         bytes_per_vector(8, "int4")
     with pytest.raises(InputError, match="--rescore must be >= 1"):
         quantized_search(x, x, 1, "int8", rescore=0)
+
+
+def test_faiss_binary_index_agrees_with_packed_popcount():
+    """With faiss installed, --index faiss / auto searches binary vectors with IndexBinaryFlat: the same Hamming
+    distances as the packed-bits popcount, and the same documents up to the order of equal distances."""
+    pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(3)
+    q_bits = torch.randint(0, 256, (7, 6), generator=g, dtype=torch.uint8)  # 48-bit codes
+    d_bits = torch.randint(0, 256, (50, 6), generator=g, dtype=torch.uint8)
+    fd, fi = hamming_topk(q_bits, d_bits, 10, index="faiss")
+    ed, ei = hamming_topk(q_bits, d_bits, 10, index="exact")
+    assert torch.equal(fd, ed)
+    full = torch.tensor([[bin(int(a) ^ int(b)).count("1") for a, b in zip(qr.tolist(), dr.tolist())]
+                         for qr in q_bits for dr in d_bits]).view(7, 50, 6).sum(-1)  # independent popcount
+    for i in range(7):
+        assert torch.equal(full[i, fi[i]], fd[i])  # faiss's distances are the documents' true distances
+        kth = int(fd[i, -1])
+        assert set(fi[i][fd[i] < kth].tolist()) == set(ei[i][ed[i] < kth].tolist())
+    # the end-to-end binary search (sign bits of float vectors) returns the same top-k through either index
+    q, d = torch.randn(5, 64, generator=g), torch.randn(40, 64, generator=g)
+    for rescore in (None, 20):
+        fs, fidx = quantized_search(q, d, 5, "binary", rescore=rescore, index="faiss")
+        es, eidx = quantized_search(q, d, 5, "binary", rescore=rescore, index="exact")
+        torch.testing.assert_close(fs, es)
+        if rescore:
+            assert torch.equal(fidx, eidx)  # float rescoring breaks the Hamming ties
