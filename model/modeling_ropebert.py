@@ -823,6 +823,12 @@ def moe_dispatch_dense(experts: RopeBertExperts, x: torch.Tensor, weights: torch
     return (ys * combine[..., None].to(ys.dtype)).sum(dim=1)  # (T, C)
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x run in: autocast's where it is on, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, offs: torch.Tensor,
                     expert: torch.Tensor) -> torch.Tensor:
     """One grouped GEMM: rows offs[e-1]:offs[e] of x (N, in) times weight[e]^T (E, out, in) plus bias[e] (E, out).
@@ -842,8 +848,7 @@ def moe_dispatch_grouped(experts: RopeBertExperts, x: torch.Tensor, weights: tor
     order = flat.argsort(stable=True)
     token, expert = order // k, flat[order]  # (T*k,) token and expert of each sorted slot
     offs = torch.bincount(flat, minlength=experts.num_experts).cumsum(0).to(torch.int32)  # (E,) slice ends
-    dev = x.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    dtype = _compute_dtype(x)
     xs = x[token].to(dtype)  # (T*k, C)
     h = experts.act(_grouped_linear(xs, experts.intermediate_weight.to(dtype), experts.intermediate_bias.to(dtype),
                                     offs, expert))  # (T*k, I)
@@ -852,18 +857,31 @@ def moe_dispatch_grouped(experts: RopeBertExperts, x: torch.Tensor, weights: tor
     return torch.zeros(x.shape, dtype=ys.dtype, device=x.device).index_add_(0, token, ys).to(x.dtype)  # (T, C)
 
 
+_GROUPED_MM_RUNS: dict = {}  # (device type, dtype) -> whether a probe of torch._grouped_mm ran forward + backward
+
+
+@torch.compiler.disable  # a Python-level probe and cache: run eagerly, never traced
 def grouped_mm_available(x: torch.Tensor) -> bool:
-    """Whether "grouped" can run on x: torch has _grouped_mm, and on CUDA the input is bf16 on sm90+ (its CUDA
-    kernel's constraint); on CPU every float dtype runs."""
-    if not hasattr(torch, "_grouped_mm"):
+    """Whether "grouped" can run on x: torch has _grouped_mm, on CUDA the input is bf16 on sm90+ (its CUDA kernel's
+    constraint), and a tiny forward + backward of it ran once on this device type and dtype (older builds lack
+    kernels for some of them)."""
+    if not hasattr(torch, "_grouped_mm") or x.device.type not in ("cpu", "cuda"):
         return False
-    if x.device.type == "cpu":
-        return True
-    if x.device.type != "cuda":
+    dev, dtype = x.device.type, _compute_dtype(x)
+    if dev == "cuda" and (dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0)):
         return False
-    dev = x.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    return dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    key = (dev, dtype)
+    if key not in _GROUPED_MM_RUNS:
+        try:
+            with torch.enable_grad(), torch.autocast(dev, enabled=False):
+                a = torch.ones(32, 16, dtype=dtype, device=x.device, requires_grad=True)
+                b = torch.ones(2, 16, 16, dtype=dtype, device=x.device, requires_grad=True)
+                offs = torch.tensor([16, 32], dtype=torch.int32, device=x.device)
+                torch._grouped_mm(a, b, offs=offs).backward(torch.ones(32, 16, dtype=dtype, device=x.device))
+            _GROUPED_MM_RUNS[key] = True
+        except (RuntimeError, NotImplementedError):
+            _GROUPED_MM_RUNS[key] = False
+    return _GROUPED_MM_RUNS[key]
 
 
 # name -> fn(experts, x (T, C), weights (T, k), index (T, k)) -> (T, C); RopeBertMoE.impl picks one ("auto":
@@ -910,6 +928,8 @@ class RopeBertMoE(nn.Module):
         impl = self.impl
         if impl == "auto":
             impl = "grouped" if grouped_mm_available(flat) else "sorted"
+            if impl == "grouped" and torch.compiler.is_compiling() and _compute_dtype(flat) != torch.bfloat16:
+                impl = "sorted"  # torch.compile's shape function of _grouped_mm takes bf16 only
         y = MOE_IMPLS[impl](self.experts, flat, weights, index)  # (T, C)
         if mask is not None:
             out = x.new_zeros(x.shape)  # (B, L, C); padding positions get no FFN output
