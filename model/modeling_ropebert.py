@@ -844,6 +844,8 @@ def moe_dispatch_grouped(experts: RopeBertExperts, x: torch.Tensor, weights: tor
     """As "sorted", but each projection of all experts is ONE grouped GEMM (torch._grouped_mm over the experts'
     slices of the sorted slots) instead of a Python loop of E GEMMs. x (T, C), weights / index (T, k) -> (T, C)."""
     T, k = index.shape
+    if T == 0:  # no token: zero, attached to the routing weights' graph as "sorted" is
+        return torch.zeros_like(x) + (weights.sum() * 0).to(x.dtype)
     flat = index.reshape(-1)  # (T*k,)
     order = flat.argsort(stable=True)
     token, expert = order // k, flat[order]  # (T*k,) token and expert of each sorted slot

@@ -117,6 +117,11 @@ def test_grouped_gemm_dispatch_with_empty_experts_equals_the_loop_and_the_refere
         for a, b in zip(run(fn), ref):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert ref[3][0].abs().sum() == 0 and ref[3][4].abs().sum() == 0  # empty experts get no gradient
+    # no token at all: zeros, still attached to the routing weights' graph
+    w_empty = torch.zeros(0, 2, requires_grad=True)
+    for fn in (moe_dispatch_sorted, moe_dispatch_grouped):
+        y = fn(experts, torch.zeros(0, x0.shape[1]), w_empty, torch.zeros(0, 2, dtype=torch.long))
+        assert y.shape == (0, x0.shape[1]) and y.requires_grad
     # bf16 on CPU runs too (the CUDA kernel's dtype)
     y16 = moe_dispatch_grouped(experts, x0.bfloat16(), w0, index)
     assert y16.dtype == torch.bfloat16
