@@ -259,16 +259,16 @@ def prepare_model_dir(shape: str, seed: int, tmp: str, tokenizer: str | None = N
     return out, f"seeded random {shape} BERT (same weights both sides)"
 
 
-def widen_ffn_dir(model_dir: str, tmp: str, seed: int) -> tuple[str, int]:
-    """(directory, new intermediate size) of DIR with every FFN widened to the MoE's active FFN units per token
-    (MOE_SETTING's layout): new units' input weights ~ N(0, initializer_range), output weights 0, biases 0."""
+def widen_ffn_dir(model_dir: str, tmp: str, seed: int, moe_layers: int, top_k: int) -> tuple[str, int]:
+    """(directory, new intermediate size) of DIR with every FFN widened to the active FFN units per token of an
+    MoE with `moe_layers` top-`top_k` layers: new units' input weights ~ N(0, initializer_range), output weights 0,
+    biases 0."""
     from transformers import AutoTokenizer, BertModel
 
     src = BertModel.from_pretrained(model_dir, add_pooling_layer=False)
     cfg = src.config
-    L, moe = cfg.num_hidden_layers, MOE_SETTING
-    m = sum(1 for i in range(L) if i % moe["every_n_layers"] == 1)
-    inner = cfg.intermediate_size * (L + m * (moe["top_k"] - 1)) // L
+    L = cfg.num_hidden_layers
+    inner = cfg.intermediate_size * (L + moe_layers * (top_k - 1)) // L
     wide_cfg = type(cfg).from_dict({**cfg.to_dict(), "intermediate_size": inner})
     torch.manual_seed(seed)
     wide = BertModel(wide_cfg, add_pooling_layer=False)
@@ -542,7 +542,8 @@ def run(args: Union[argparse.Namespace, Sequence[str], None] = None, *, log=None
             counts[MOE] = {**param_counts(moe_mod.model), "active_encoder_layers": active_layer_params(moe_mod.model),
                            "moe_layers": list(moe_mod.model.config.moe_layers)}
             del moe_mod
-            wide_dir, wide_inner = widen_ffn_dir(model_dir, tmp, args.seed)
+            wide_dir, wide_inner = widen_ffn_dir(model_dir, tmp, args.seed, len(counts[MOE]["moe_layers"]),
+                                                 MOE_SETTING["top_k"])
             wide_mod, steps[WIDE] = build_ropebert(wide_dir, groups, args, device)
             counts[WIDE] = {**param_counts(wide_mod.model), "intermediate_size": wide_inner}
             del wide_mod

@@ -792,20 +792,24 @@ class RopeBertExperts(nn.Module):
         return F.linear(h, self.output_weight[e], self.output_bias[e])  # (n, C)
 
 
+def _sort_slots(index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The T*k (token, expert) slots of index (T, k) sorted by expert (stable): (order (T*k,) of the flat slots,
+    token (T*k,) of each sorted slot, slots per expert (E,))."""
+    flat = index.reshape(-1)  # (T*k,) expert of each slot
+    order = flat.argsort(stable=True)  # slots grouped by expert
+    return order, order // index.shape[1], torch.bincount(flat, minlength=num_experts)
+
+
 def moe_dispatch_sorted(experts: RopeBertExperts, x: torch.Tensor, weights: torch.Tensor,
                         index: torch.Tensor) -> torch.Tensor:
     """Dropless sparse dispatch. x (T, C), weights / index (T, k) -> (T, C).
 
     The T*k slots are sorted by expert (stable), each expert runs on its contiguous slice of the gathered tokens,
     and the outputs, scaled by their routing weight, are summed back into their tokens."""
-    T, k = index.shape
-    flat = index.reshape(-1)  # (T*k,) expert of each slot
-    order = flat.argsort(stable=True)  # slots grouped by expert
-    token = order // k  # (T*k,) token of each sorted slot
-    counts = torch.bincount(flat, minlength=experts.num_experts).tolist()
+    order, token, counts = _sort_slots(index, experts.num_experts)
     xs = x[token]  # (T*k, C)
     outs, start = [], 0
-    for e, n in enumerate(counts):
+    for e, n in enumerate(counts.tolist()):
         if n:
             outs.append(experts.expert(e, xs[start : start + n]))  # (n, C)
         start += n
@@ -843,13 +847,11 @@ def moe_dispatch_grouped(experts: RopeBertExperts, x: torch.Tensor, weights: tor
                          index: torch.Tensor) -> torch.Tensor:
     """As "sorted", but each projection of all experts is ONE grouped GEMM (torch._grouped_mm over the experts'
     slices of the sorted slots) instead of a Python loop of E GEMMs. x (T, C), weights / index (T, k) -> (T, C)."""
-    T, k = index.shape
-    if T == 0:  # no token: zero, attached to the routing weights' graph as "sorted" is
+    if index.shape[0] == 0:  # no token: zero, attached to the routing weights' graph as "sorted" is
         return torch.zeros_like(x) + (weights.sum() * 0).to(x.dtype)
-    flat = index.reshape(-1)  # (T*k,)
-    order = flat.argsort(stable=True)
-    token, expert = order // k, flat[order]  # (T*k,) token and expert of each sorted slot
-    offs = torch.bincount(flat, minlength=experts.num_experts).cumsum(0).to(torch.int32)  # (E,) slice ends
+    order, token, counts = _sort_slots(index, experts.num_experts)
+    expert = index.reshape(-1)[order]  # (T*k,) expert of each sorted slot
+    offs = counts.cumsum(0).to(torch.int32)  # (E,) slice ends
     dtype = _compute_dtype(x)
     xs = x[token].to(dtype)  # (T*k, C)
     h = experts.act(_grouped_linear(xs, experts.intermediate_weight.to(dtype), experts.intermediate_bias.to(dtype),

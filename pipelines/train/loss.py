@@ -282,9 +282,9 @@ def contrastive_loss(
             exact under gather and GradCache (it only reads the cached full embeddings).
         matryoshka_weights: one weight per matryoshka_dims entry (default: all 1.0).
         matryoshka_teacher_embed: where the teacher embed term is computed with matryoshka_dims: "prefix" (at
-            every dim, as above) or "full" (at the largest of matryoshka_dims only). A teacher that was not Matryoshka-trained has
-            weak prefixes, and "prefix" pulls the student's prefixes to them; "full" leaves the small dims to
-            InfoNCE and the score KL (whose target is the teacher's full-dim scores at every dim).
+            every dim, as above) or "full" (at the largest of matryoshka_dims only). A teacher that was not
+            Matryoshka-trained has weak prefixes, and "prefix" pulls the student's prefixes to them; "full" leaves
+            the small dims to InfoNCE and the score KL (whose target is the teacher's full-dim scores at every dim).
         query_hashes / passage_hashes / negative_hashes: optional int64 (B,) / (B,) / (B, K) hashes of the
             normalised query, positive and hard-negative texts (the loader's `hashes`), gathered like the
             embeddings: false negatives are removed from every query's candidates (module docstring). Each is

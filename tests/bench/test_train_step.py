@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from tests.conftest import tiny_config
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -33,7 +35,8 @@ def test_widened_dense_model_matches_its_source_and_the_moe_active_parameters(tm
     src_dir = tmp_path / "src"
     BertModel(cfg, add_pooling_layer=False).save_pretrained(src_dir)
     AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(src_dir)
-    wide_dir, inner = bench.widen_ffn_dir(str(src_dir), str(tmp_path), seed=1)
+    moe_layers = tiny_config(num_hidden_layers=6, moe={"num_experts": 8}).moe_layers  # Nomic's layout: 1, 3, 5
+    wide_dir, inner = bench.widen_ffn_dir(str(src_dir), str(tmp_path), seed=1, moe_layers=len(moe_layers), top_k=2)
     assert inner == 48 * (6 + 3 * 1) // 6 == 72  # layers 1, 3, 5 run top-2: 1.5x the FFN per token
     src = BertModel.from_pretrained(src_dir, add_pooling_layer=False).eval()
     wide = BertModel.from_pretrained(wide_dir, add_pooling_layer=False).eval()
