@@ -32,7 +32,7 @@ length. `--full` runs the recipe of the configs (stage 1 40 steps, stage 2 20 st
 stage-1 pairs, up to 400 held-out documents) and `--full-eval`: every system, the converted-untrained model too, on the
 FULL MS MARCO subset (43 judged queries, 5,000 passages) and needle / passkey at 20 x 20 per length (about 45
 minutes in all). `--full-eval` alone re-evaluates a finished run at full size. `--steps N` trains stage 1
-for N steps. `--curve K` keeps every K-th stage-1 checkpoint (and stage 2's every 10 steps) and adds an
+for N steps, `--pairs N` builds N stage-1 pairs (a longer run wants both). `--curve K` keeps every K-th stage-1 checkpoint (and stage 2's every 10 steps) and adds an
 nDCG@10-vs-steps table of both stages (held-out docstrings and, when present, MS MARCO) to the summary.
 
 Every finished step leaves a marker in artifacts/.demo/; running the demo again skips finished steps and
@@ -86,12 +86,14 @@ SIZE_SWEEP = ("--dims", "384,128,64", "--quantize", "float32,int8,binary", "--re
 
 class Demo:
     def __init__(self, out: Path, shared: Optional[Path], quick: bool, steps: Optional[int] = None,
-                 curve: Optional[int] = None, full_eval: bool = False, full: bool = False):
+                 curve: Optional[int] = None, full_eval: bool = False, full: bool = False,
+                 pairs: Optional[int] = None):
         if quick and (full_eval or full):
             raise UserError("--quick contradicts --full / --full-eval: choose one")
         self.scale = "quick" if quick else "full" if full else "short"
         self.full_eval = full_eval or full
         self.steps = steps
+        self.pairs = pairs
         self.curve = curve
         self.out = out
         self.shared = shared
@@ -145,7 +147,7 @@ class Demo:
                       "--fold-first-token", "--rotary-basis", "--keep-positions", 16, *NO_PROMPTS, "--overwrite")
 
     def shards(self):
-        n_train = TRAIN[self.scale][3]
+        n_train = self.pairs or TRAIN[self.scale][3]
         root = self.path("shards", "stage1")
         for pkg, share in STAGE1_SOURCES:
             self.ropebert("shards", "build", "--format", "docstrings", "--input", pkg, "--split", "train",
@@ -232,7 +234,10 @@ class Demo:
         return [] if n is None else ["--trainer.max_steps", n]
 
     def train_settings(self) -> dict:
-        return {"scale": self.scale, "stage1_steps": self.steps or TRAIN[self.scale][0], "stage1_data": STAGE1_DATA}
+        settings = {"scale": self.scale, "stage1_steps": self.steps or TRAIN[self.scale][0], "stage1_data": STAGE1_DATA}
+        if self.pairs:  # recorded only when asked, so artifacts of the scale's default size still resume
+            settings["stage1_pairs"] = self.pairs
+        return settings
 
     def keep_checkpoints(self, every: Optional[int]) -> list:
         """--curve: keep every `every`-th checkpoint (step0000040.ckpt, ...) for the nDCG@10-vs-steps table."""
@@ -394,6 +399,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--fresh", action="store_true", help="delete the artifact directory and start over")
     ap.add_argument("--steps", type=int, default=None,
                     help="stage-1 optimizer steps (default: configs/demo/pretrain.yaml's max_steps); a longer run")
+    ap.add_argument("--pairs", type=int, default=None, metavar="N",
+                    help="stage-1 docstring pairs to build, split by the package shares (default: the scale's, 2,000 "
+                         "with --full); a package holding fewer gives all it has")
     ap.add_argument("--curve", type=int, default=None, metavar="K",
                     help="keep every K-th stage-1 checkpoint (stage 2: every 10th) and report nDCG@10 against steps "
                          "for both stages")
@@ -406,10 +414,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     shared = Path(args.shared) if Path(args.shared, "msmarco", "corpus.jsonl").is_file() else None
-    for flag, v in (("--steps", args.steps), ("--curve", args.curve)):
+    for flag, v in (("--steps", args.steps), ("--curve", args.curve), ("--pairs", args.pairs)):
         if v is not None and v < 1:
             raise UserError(f"{flag} must be >= 1, got {v}")
-    d = Demo(out, shared, args.quick, args.steps, args.curve, args.full_eval, args.full)
+    d = Demo(out, shared, args.quick, args.steps, args.curve, args.full_eval, args.full, args.pairs)
     d.check_training_scale()
     steps = [("convert", d.convert), ("shards", d.shards), ("stage1", d.stage1), ("mine", d.mine),
              ("stage2", d.stage2), ("reload", d.reload), ("evaluate", d.evaluate)]

@@ -12,6 +12,10 @@ sentence-transformers baselines side by side; nDCG@10 / MRR@10 / Recall@100 (tre
               once at full size, then searched at every (dim, precision): Matryoshka prefix renormalised,
               int8 calibrated on the corpus / binary by Hamming distance, optional float rescoring of the top K
               (pipelines/search.py); nDCG@10 / MRR@10 / Recall@100, bytes per vector and search time each
+    agreement: --agreement SPEC (a --model / --baseline spec, typically st:PARENT): every dense system's mean
+              cosine to SPEC's embedding of the same text, over the judged queries and over the corpus (pooled,
+              full size; no labels are read). How much of a parent a converted or trained model still
+              reproduces on a split: a label-free reading beside nDCG@10
 """
 
 from __future__ import annotations
@@ -381,23 +385,44 @@ def build_system(spec: str, settings: EncodeSettings):
     return RopeBertEncoder(spec, settings)
 
 
-def run_system(system, data: BeirData, k: int = 100, index: str = "auto", sweep: Optional[SizeSweep] = None) -> dict:
+def agreement(q: torch.Tensor, d: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor], name: str,
+              reference_name: str) -> dict:
+    """Mean cosine of each query's / document's embedding (q (Q, C), d (N, C)) with the reference system's
+    embedding of the same text (the same rows of `reference`), and over all Q + N texts."""
+    rq, rd = reference
+    if q.shape[1] != rq.shape[1]:
+        raise InputError(f"eval retrieval --agreement: {name} embeds in {q.shape[1]} dims, {reference_name} in "
+                         f"{rq.shape[1]}: agreement needs one embedding space")
+    cq = torch.nn.functional.cosine_similarity(q.float(), rq.float(), dim=-1)  # (Q,)
+    cd = torch.nn.functional.cosine_similarity(d.float(), rd.float(), dim=-1)  # (N,)
+    return {"reference": reference_name, "queries": round(cq.mean().item(), 6),
+            "documents": round(cd.mean().item(), 6), "all": round(torch.cat([cq, cd]).mean().item(), 6)}
+
+
+def run_system(system, data: BeirData, k: int = 100, index: str = "auto", sweep: Optional[SizeSweep] = None,
+               reference: Optional[tuple[str, tuple[torch.Tensor, torch.Tensor]]] = None) -> dict:
     """One system's evaluation; with `sweep`, a dense system is encoded once and also searched at every
-    (dim, precision) of the sweep (the entry's `quantized` list; BM25 is evaluated once, as without it)."""
+    (dim, precision) of the sweep (the entry's `quantized` list; BM25 is evaluated once, as without it).
+    reference: (name, (queries, documents) embeddings) of the --agreement system: a dense system's agreement
+    with it is added (the entry's `agreement`)."""
     t0 = time.perf_counter()
-    sizes = None
+    sizes = agree = None
     if isinstance(system, BM25Retriever):
         run = system.search(data, k)
-    elif sweep is None:
+    elif sweep is None and reference is None:
         run = dense_search(system, data, k, index)
     else:
-        check_dims(sweep.dims or [], system.embedding_size(), system.name)
+        if sweep is not None:
+            check_dims(sweep.dims or [], system.embedding_size(), system.name)
         t_enc = time.perf_counter()
         q, d = encode_data(system, data)
         encode_s = time.perf_counter() - t_enc
-        check_dims(sweep.dims or [], q.shape[1], system.name)
         run = run_from_topk(data, *exact_topk(q, d, k, index=index))
-        sizes = size_sweep_search(q, d, data, k, index, sweep)
+        if sweep is not None:
+            check_dims(sweep.dims or [], q.shape[1], system.name)
+            sizes = size_sweep_search(q, d, data, k, index, sweep)
+        if reference is not None:
+            agree = agreement(q, d, reference[1], system.name, reference[0])
     ev = evaluate_run(data.qrels, run)
     out = {
         "name": system.name,
@@ -408,10 +433,13 @@ def run_system(system, data: BeirData, k: int = 100, index: str = "auto", sweep:
         "per_query": ev["per_query"],
         "wall_time_s": round(time.perf_counter() - t0, 3),
     }
-    if sizes is not None:
+    if sizes is not None or agree is not None:
         out["encode_time_s"] = round(encode_s, 3)
         out["embedding_size"] = int(q.shape[1])
+    if sizes is not None:
         out["quantized"] = sizes
+    if agree is not None:
+        out["agreement"] = agree
     return out
 
 
@@ -475,10 +503,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                          "(default with --dims: float32)")
     ap.add_argument("--rescore", type=int, default=None,
                     help="int8 / binary: re-score the top K with the float query (sentence-transformers' recipe)")
+    ap.add_argument("--agreement", default=None, metavar="SPEC",
+                    help="also report each dense system's mean cosine to this system's embeddings of the same texts "
+                         "(DIR, ropebert:DIR or st:DIR; typically st:PARENT)")
     add_encode_args(ap)
     args = ap.parse_args(argv)
     if not args.model and not args.baseline:
         raise InputError("eval retrieval: give at least one --model or --baseline")
+    if args.agreement == "bm25":
+        raise InputError("eval retrieval --agreement: BM25 has no embeddings; give a dense system (DIR or st:DIR)")
     sweep = size_sweep_from_args(args.dims, args.quantize, args.rescore)
     if args.top_k < 100:
         raise InputError(f"eval retrieval: --top-k {args.top_k} < 100 would under-report recall@100")
@@ -495,10 +528,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             check_dims(sweep.dims or [], declared_embedding_size(full), spec)
     t0 = time.perf_counter()
     data = load_beir(args.data, args.split, args.max_queries, args.max_docs)
+    reference = None
+    if args.agreement:
+        reference = (args.agreement, encode_data(build_system(args.agreement, settings), data))
     results = []
     for spec, full in specs:
         system = build_system(full, settings)
-        r = run_system(system, data, args.top_k, args.index, sweep)
+        r = run_system(system, data, args.top_k, args.index, sweep, reference)
         r["name"] = spec
         logger.info("eval retrieval: %s %s", spec, {k: round(v, 4) for k, v in r["metrics"].items()})
         results.append(r)
@@ -508,7 +544,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "data": str(args.data),
         "split": args.split,
         "settings": {**vars(settings), "top_k": args.top_k, "index": args.index, "max_queries": args.max_queries,
-                     "max_docs": args.max_docs,
+                     "max_docs": args.max_docs, "agreement": args.agreement,
                      **({} if sweep is None else {"dims": sweep.dims, "quantize": sweep.precisions,
                                                   "rescore": sweep.rescore})},
         "data_stats": data.stats,
@@ -520,6 +556,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"retrieval on {args.data} ({args.split}): {data.stats['num_queries_judged']} judged queries, "
           f"{data.stats['num_corpus']} documents")
     print(markdown_table(["system", "nDCG@10", "MRR@10", "Recall@100"], rows))
+    if reference is not None:
+        print(f"\nagreement with {reference[0]}: mean cosine of the pooled embeddings of the same texts")
+        print(markdown_table(["system", "queries", "documents", "all"],
+                             [[r["label"], *(r["agreement"][k] for k in ("queries", "documents", "all"))]
+                              for r in results if "agreement" in r]))
     if sweep is not None:
         print(f"\nby size (top-k {args.top_k}; search time: quantising, top-k and rescoring, encoding excluded)")
         print(markdown_table(SIZE_HEADER, size_rows(results)))

@@ -88,7 +88,7 @@ def test_curve_without_checkpoints_and_bad_flags(tmp_path):
 
     with pytest.raises(UserError, match="--curve: no step checkpoints"):
         Demo(tmp_path, None, quick=True, curve=10).curve_eval()
-    for flag in ("--curve", "--steps"):
+    for flag in ("--curve", "--steps", "--pairs"):
         with pytest.raises(UserError, match=f"{flag} must be >= 1, got 0"):
             main(["--out", str(tmp_path / "o"), flag, "0"])
 
@@ -140,6 +140,31 @@ def test_training_sizes_and_no_mixing_in_one_directory(tmp_path):
     with pytest.raises(UserError, match="repeat that run's --full / --steps"):
         full.check_training_scale()
     assert json.loads((tmp_path / ".demo" / "train.json").read_text())["scale"] == "short"
+    # --pairs is part of the training size: another pair count on the same artifacts is refused
+    with pytest.raises(UserError, match="repeat that run's --full / --steps"):
+        Demo(tmp_path, None, quick=False, pairs=5000).check_training_scale()
+
+
+def test_pairs_sets_the_stage1_shard_sizes(tmp_path, monkeypatch):
+    """--pairs N builds N stage-1 pairs split by the package shares (the scale's count without it)."""
+    from ropebert.pipelines.demo import run
+
+    built = {}
+
+    def fake_ropebert(self, *args):
+        args = list(map(str, args))
+        if args[:2] == ["shards", "build"]:
+            built[args[args.index("--input") + 1]] = int(args[args.index("--limit") + 1])
+
+    monkeypatch.setattr(run.Demo, "ropebert", fake_ropebert)
+    monkeypatch.setattr(run.Demo, "heldout_beir", lambda self, out, limit: None)
+    (tmp_path / "shards" / "stage1").mkdir(parents=True)
+    Demo(tmp_path, None, quick=False, full=True, pairs=5000).shards()
+    assert built == {pkg: round(5000 * share) for pkg, share in run.STAGE1_SOURCES}
+    Demo(tmp_path, None, quick=False, full=True).shards()
+    assert built == {pkg: round(2000 * share) for pkg, share in run.STAGE1_SOURCES}
+    assert Demo(tmp_path, None, quick=False, full=True, pairs=5000).train_settings()["stage1_pairs"] == 5000
+    assert "stage1_pairs" not in Demo(tmp_path, None, quick=False, full=True).train_settings()
 
 
 def test_summary_names_a_reduced_ms_marco_corpus(tmp_path):

@@ -133,3 +133,39 @@ def test_msmarco_side_by_side(tmp_path, shared_data, minilm_dir):
     # the trained APE parent retrieves relevant passages (MS MARCO relevant docs share the query's topic)
     assert by[f"st:{minilm_dir}"]["metrics"]["mrr@10"] > 0.3
     assert by["bm25"]["metrics"]["ndcg@10"] > 0.2
+
+
+def test_agreement_with_a_reference_system(tmp_path, tiny_export, minilm_dir, capsys):
+    """--agreement: a system compared with itself agrees exactly; the retrieval metrics are unchanged."""
+    root = _write_beir(tmp_path / "beir")
+    out = tmp_path / "res.json"
+    rc = main(["--model", str(tiny_export), "--baseline", "bm25", "--data", str(root),
+               "--agreement", str(tiny_export), "--output", str(out), "--no-progress"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    tiny, bm25 = res["results"]
+    assert tiny["agreement"]["queries"] == pytest.approx(1.0, abs=1e-5)
+    assert tiny["agreement"]["documents"] == pytest.approx(1.0, abs=1e-5)
+    assert "agreement" not in bm25 and res["settings"]["agreement"] == str(tiny_export)
+    # the same metrics as without --agreement
+    plain = tmp_path / "plain.json"
+    main(["--model", str(tiny_export), "--data", str(root), "--output", str(plain), "--no-progress"])
+    assert json.loads(plain.read_text())["metrics"] == tiny["metrics"]
+    assert "agreement with" in capsys.readouterr().out
+    # a different embedding size is a clear error, BM25 is no reference
+    with pytest.raises(ValueError, match="agreement needs one embedding space"):
+        main(["--model", str(tiny_export), "--data", str(root), "--agreement", f"st:{minilm_dir}", "--no-progress"])
+    with pytest.raises(ValueError, match="BM25 has no embeddings"):
+        main(["--model", str(tiny_export), "--data", str(root), "--agreement", "bm25", "--no-progress"])
+
+
+def test_agreement_values_by_hand():
+    from ropebert.pipelines.eval.retrieval import agreement
+
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    d = torch.tensor([[1.0, 1.0]])
+    ref = (torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[1.0, 0.0]]))
+    a = agreement(q, d, ref, "m", "r")
+    # queries: cos 1 and 0 -> 0.5; document: cos 45 degrees; all: (1 + 0 + 0.7071) / 3
+    assert a["queries"] == pytest.approx(0.5) and a["documents"] == pytest.approx(2 ** -0.5, abs=1e-6)
+    assert a["all"] == pytest.approx((1 + 2 ** -0.5) / 3, abs=1e-6) and a["reference"] == "r"
