@@ -294,7 +294,7 @@ class Demo:
             have = json.loads(rec.read_text())
             if have != want:
                 raise UserError(f"{self.out} holds a demo trained with {have}, this run asks for {want}: repeat that "
-                                "run's --full / --steps to resume or re-evaluate it, or use --fresh (or another --out) "
+                                "run's --full / --steps / --pairs to resume or re-evaluate it, or use --fresh (or another --out) "
                                 "to train anew")
             return
         self.marks.mkdir(parents=True, exist_ok=True)

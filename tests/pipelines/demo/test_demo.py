@@ -137,11 +137,11 @@ def test_training_sizes_and_no_mixing_in_one_directory(tmp_path):
     assert Demo(tmp_path, None, quick=False, steps=100).max_steps(0) == ["--trainer.max_steps", 100]
     short.check_training_scale()
     Demo(tmp_path, None, quick=False, full_eval=True).check_training_scale()  # re-evaluating a short run is fine
-    with pytest.raises(UserError, match="repeat that run's --full / --steps"):
+    with pytest.raises(UserError, match="repeat that run's --full / --steps / --pairs"):
         full.check_training_scale()
     assert json.loads((tmp_path / ".demo" / "train.json").read_text())["scale"] == "short"
     # --pairs is part of the training size: another pair count on the same artifacts is refused
-    with pytest.raises(UserError, match="repeat that run's --full / --steps"):
+    with pytest.raises(UserError, match="repeat that run's --full / --steps / --pairs"):
         Demo(tmp_path, None, quick=False, pairs=5000).check_training_scale()
 
 
