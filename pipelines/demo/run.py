@@ -32,8 +32,9 @@ length. `--full` runs the recipe of the configs (stage 1 40 steps, stage 2 20 st
 stage-1 pairs, up to 400 held-out documents) and `--full-eval`: every system, the converted-untrained model too, on the
 FULL MS MARCO subset (43 judged queries, 5,000 passages) and needle / passkey at 20 x 20 per length (about 45
 minutes in all). `--full-eval` alone re-evaluates a finished run at full size. `--steps N` trains stage 1
-for N steps, `--pairs N` builds N stage-1 pairs (a longer run wants both). `--curve K` keeps every K-th stage-1 checkpoint (and stage 2's every 10 steps) and adds an
-nDCG@10-vs-steps table of both stages (held-out docstrings and, when present, MS MARCO) to the summary.
+for N steps, `--pairs N` builds N stage-1 pairs (a longer run wants both). `--curve K` keeps every K-th stage-1
+checkpoint (and stage 2's every 10 steps) and adds an nDCG@10-vs-steps table of both stages (held-out docstrings
+and, when present, MS MARCO) to the summary.
 
 Every finished step leaves a marker in artifacts/.demo/; running the demo again skips finished steps and
 resumes training from the last checkpoint, so an interrupted `make demo` (Ctrl-C) continues where it stopped.
@@ -294,8 +295,8 @@ class Demo:
             have = json.loads(rec.read_text())
             if have != want:
                 raise UserError(f"{self.out} holds a demo trained with {have}, this run asks for {want}: repeat that "
-                                "run's --full / --steps / --pairs to resume or re-evaluate it, or use --fresh (or another --out) "
-                                "to train anew")
+                                "run's --full / --steps / --pairs to resume or re-evaluate it, or use --fresh (or "
+                                "another --out) to train anew")
             return
         self.marks.mkdir(parents=True, exist_ok=True)
         tmp = rec.with_suffix(".tmp")
