@@ -273,10 +273,11 @@ def run_from_topk(data: BeirData, scores: torch.Tensor, idx: torch.Tensor) -> di
     }
 
 
-def dense_search(encoder, data: BeirData, k: int, index: str = "auto") -> dict[str, dict[str, float]]:
+def encode_timed(encoder, data: BeirData) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """encode_data(...) and the seconds it took."""
+    t = time.perf_counter()
     q, d = encode_data(encoder, data)
-    scores, idx = exact_topk(q, d, k, index=index)
-    return run_from_topk(data, scores, idx)
+    return q, d, time.perf_counter() - t
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -400,23 +401,21 @@ def agreement(q: torch.Tensor, d: torch.Tensor, reference: tuple[torch.Tensor, t
 
 
 def run_system(system, data: BeirData, k: int = 100, index: str = "auto", sweep: Optional[SizeSweep] = None,
-               reference: Optional[tuple[str, tuple[torch.Tensor, torch.Tensor]]] = None) -> dict:
+               reference: Optional[tuple[str, tuple[torch.Tensor, torch.Tensor]]] = None,
+               encoded: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None) -> dict:
     """One system's evaluation; with `sweep`, a dense system is encoded once and also searched at every
     (dim, precision) of the sweep (the entry's `quantized` list; BM25 is evaluated once, as without it).
     reference: (name, (queries, documents) embeddings) of the --agreement system: a dense system's agreement
-    with it is added (the entry's `agreement`)."""
+    with it is added (the entry's `agreement`). encoded: this system's (queries, documents, encode seconds)
+    when already computed (the --agreement system listed as a system too), used instead of encoding again."""
     t0 = time.perf_counter()
     sizes = agree = None
     if isinstance(system, BM25Retriever):
         run = system.search(data, k)
-    elif sweep is None and reference is None:
-        run = dense_search(system, data, k, index)
     else:
         if sweep is not None:
             check_dims(sweep.dims or [], system.embedding_size(), system.name)
-        t_enc = time.perf_counter()
-        q, d = encode_data(system, data)
-        encode_s = time.perf_counter() - t_enc
+        q, d, encode_s = encoded if encoded is not None else encode_timed(system, data)
         run = run_from_topk(data, *exact_topk(q, d, k, index=index))
         if sweep is not None:
             check_dims(sweep.dims or [], q.shape[1], system.name)
@@ -528,13 +527,16 @@ def main(argv: Optional[list[str]] = None) -> int:
             check_dims(sweep.dims or [], declared_embedding_size(full), spec)
     t0 = time.perf_counter()
     data = load_beir(args.data, args.split, args.max_queries, args.max_docs)
-    reference = None
-    if args.agreement:
-        reference = (args.agreement, encode_data(build_system(args.agreement, settings), data))
+    reference = ref_full = ref_encoded = None
+    if args.agreement:  # encoded once; reused when the same system is also evaluated
+        ref_full = args.agreement if args.agreement.startswith(("st:", "ropebert:")) else f"ropebert:{args.agreement}"
+        ref_encoded = encode_timed(build_system(ref_full, settings), data)
+        reference = (args.agreement, ref_encoded[:2])
     results = []
     for spec, full in specs:
         system = build_system(full, settings)
-        r = run_system(system, data, args.top_k, args.index, sweep, reference)
+        r = run_system(system, data, args.top_k, args.index, sweep, reference,
+                       encoded=ref_encoded if full == ref_full else None)
         r["name"] = spec
         logger.info("eval retrieval: %s %s", spec, {k: round(v, 4) for k, v in r["metrics"].items()})
         results.append(r)

@@ -135,13 +135,20 @@ def test_msmarco_side_by_side(tmp_path, shared_data, minilm_dir):
     assert by["bm25"]["metrics"]["ndcg@10"] > 0.2
 
 
-def test_agreement_with_a_reference_system(tmp_path, tiny_export, minilm_dir, capsys):
-    """--agreement: a system compared with itself agrees exactly; the retrieval metrics are unchanged."""
+def test_agreement_with_a_reference_system(tmp_path, tiny_export, minilm_dir, capsys, monkeypatch):
+    """--agreement: a system compared with itself agrees exactly (and is encoded once); the retrieval metrics
+    are unchanged."""
+    from ropebert.pipelines.eval import retrieval
+
+    encoded = []
+    real_encode = retrieval.encode_data
+    monkeypatch.setattr(retrieval, "encode_data", lambda enc, data: encoded.append(enc.name) or real_encode(enc, data))
     root = _write_beir(tmp_path / "beir")
     out = tmp_path / "res.json"
     rc = main(["--model", str(tiny_export), "--baseline", "bm25", "--data", str(root),
                "--agreement", str(tiny_export), "--output", str(out), "--no-progress"])
     assert rc == 0
+    assert len(encoded) == 1  # the reference's embeddings are the listed model's: not encoded a second time
     res = json.loads(out.read_text())
     tiny, bm25 = res["results"]
     assert tiny["agreement"]["queries"] == pytest.approx(1.0, abs=1e-5)
