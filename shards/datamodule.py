@@ -230,6 +230,15 @@ class MixtureStream(IterableDataset):
             yield batch
 
 
+def _worker_context(method: str):
+    """The multiprocessing context for DataLoader workers. The fork server imports this module (torch, the
+    tokenizer library) once when it starts, so each worker it forks starts in milliseconds."""
+    ctx = torch.multiprocessing.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload([__name__])  # takes effect when the server starts (first use)
+    return ctx
+
+
 class ShardDataLoader(DataLoader):
     """DataLoader whose len() is the epoch length (batches per rank) and whose iteration starts at the
     DataModule's cursor."""
@@ -296,6 +305,7 @@ class ShardDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         prefetch_factor: int = 4,
         val_dir: Optional[str] = None,
+        worker_start: Literal["fork", "forkserver", "spawn"] = "forkserver",
     ):
         """
         Args:
@@ -327,6 +337,11 @@ class ShardDataModule(L.LightningDataModule):
             prefetch_factor: batches prefetched per worker (num_workers > 0).
             val_dir: optional shard directory for `val_dataloader()`: the same kind of batches in a fixed order
                 (the plan of epoch 0 with this seed), the same number per rank; no cursor, no sample log.
+            worker_start: how worker processes start (num_workers > 0). "forkserver" (default) forks them from a
+                clean server process; "fork" copies the training process, whose other threads (the process
+                group's, the launcher's) may hold a lock at that instant and leave the worker deadlocked, which
+                stalls every rank; "spawn" starts a fresh interpreter per worker (slowest). Workers restart every
+                epoch. Not part of the plan.
         """
         super().__init__()
         if kind not in (None, "pairs", "hard_negatives"):
@@ -339,6 +354,8 @@ class ShardDataModule(L.LightningDataModule):
             raise InputError(f"num_negatives must be >= 1, got {num_negatives}")
         if num_workers < 0:
             raise InputError(f"num_workers must be >= 0, got {num_workers}")
+        if worker_start not in ("fork", "forkserver", "spawn"):
+            raise InputError(f"worker_start must be 'fork', 'forkserver' or 'spawn', got {worker_start!r}")
         self.train_dir, self.tokenizer = str(train_dir), (None if tokenizer is None else str(tokenizer))
         self.batch_size, self.kind, self.num_negatives = batch_size, kind, num_negatives
         self.max_query_length, self.max_passage_length = max_query_length, max_passage_length
@@ -347,6 +364,7 @@ class ShardDataModule(L.LightningDataModule):
         self.sample_log, self.allow_replan = sample_log, allow_replan
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.val_dir = str(val_dir) if val_dir else None
+        self.worker_start = worker_start
         self._val_stream: Optional[ShardStream] = None
         self.world_size, self.rank = 1, 0
         self.manifest: Optional[dict] = None
@@ -432,7 +450,8 @@ class ShardDataModule(L.LightningDataModule):
         stream = self._require_setup()
         kw: dict[str, Any] = dict(num_workers=self.num_workers, pin_memory=self.pin_memory)
         if self.num_workers > 0:
-            kw.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
+            kw.update(prefetch_factor=self.prefetch_factor, persistent_workers=False,
+                      multiprocessing_context=_worker_context(self.worker_start))
         return ShardDataLoader(self, stream, **kw)
 
     def val_dataloader(self):
@@ -441,7 +460,7 @@ class ShardDataModule(L.LightningDataModule):
         stream = self._val_stream
         kw: dict[str, Any] = dict(num_workers=self.num_workers, pin_memory=self.pin_memory)
         if self.num_workers > 0:
-            kw.update(prefetch_factor=self.prefetch_factor)
+            kw.update(prefetch_factor=self.prefetch_factor, multiprocessing_context=_worker_context(self.worker_start))
         return _FixedLenLoader(stream, batch_size=None, **kw)
 
     # -- cursor ---------------------------------------------------------------------------------------------

@@ -51,6 +51,21 @@ def test_two_ranks_two_workers_exactly_once(pair_shards, minilm_dir):
     assert per_rank[1] == ref
 
 
+def test_worker_start_methods_give_the_same_batches(pair_shards, minilm_dir):
+    from ropebert.errors import InputError
+    from ropebert.shards.datamodule import ShardDataModule
+
+    got = {}
+    for method in ("forkserver", "fork", "spawn"):
+        dl = _dm(pair_shards, minilm_dir, rank=1, worker_start=method).train_dataloader()
+        assert dl.multiprocessing_context.get_start_method() == method
+        got[method] = [b["keys"] for b in dl]
+    assert got["forkserver"] == got["fork"] == got["spawn"] and len(got["fork"]) > 1
+    assert _dm(pair_shards, minilm_dir).train_dataloader().multiprocessing_context.get_start_method() == "forkserver"
+    with pytest.raises(InputError, match="worker_start must be"):
+        ShardDataModule(str(pair_shards), str(minilm_dir), worker_start="thread")
+
+
 def test_batch_format_pairs(pair_shards, minilm_dir):
     dm = _dm(pair_shards, minilm_dir, world=1, num_workers=0, max_query_length=8)
     b = next(iter(dm.train_dataloader()))

@@ -235,6 +235,26 @@ def _fit_cmd(args):
     return [sys.executable, "-m", "ropebert", "fit", *args]
 
 
+def _run_ranks(cmd, timeout=300) -> subprocess.CompletedProcess:
+    """Run a multi-rank fit in its own process group. A run that outlives `timeout` (it takes ~20 s) is stalled:
+    every process of the group (ranks, their data workers) is sent SIGABRT, whose fault handler prints each one's
+    Python stack, and the test fails with those stacks."""
+    p = subprocess.Popen(cmd, env=dict(_env(), PYTHONFAULTHANDLER="1"), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGABRT)
+        time.sleep(5)
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, _ = p.communicate()
+        pytest.fail(f"the run stalled for {timeout} s; the stacks of its processes:\n{out[-12000:]}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, out)
+
+
 @pytest.fixture
 def two_rank_mixture(tmp_path):
     """Three homogeneous sources for 2 ranks x 8 (every source holds at least one global batch of 16)."""
@@ -248,8 +268,7 @@ def two_rank_mixture(tmp_path):
 def test_two_rank_sigkill_resume_is_bitwise_identical(tiny_bert_dir, pair_shards, tmp_path, variant, request):
     data = request.getfixturevalue("two_rank_mixture") if variant == "mixture-moe" else pair_shards
     ref, cut = tmp_path / "uninterrupted", tmp_path / "killed"
-    r = subprocess.run(_fit_cmd(_two_rank_args(tiny_bert_dir, data, ref, variant)), env=_env(),
-                       capture_output=True, text=True, timeout=600)
+    r = _run_ranks(_fit_cmd(_two_rank_args(tiny_bert_dir, data, ref, variant)))
     assert r.returncode == 0, r.stderr[-3000:]
 
     # the same run, SIGKILLed (whole process group: both ranks) once rank 0 has logged its 5th step
@@ -269,8 +288,7 @@ def test_two_rank_sigkill_resume_is_bitwise_identical(tiny_bert_dir, pair_shards
     ck = torch.load(cut / "ckpt" / "last.ckpt", weights_only=True, map_location="cpu")
     assert 3 <= ck["global_step"] < 14
 
-    r = subprocess.run(_fit_cmd(_two_rank_args(tiny_bert_dir, data, cut, variant) + ["--ckpt_path", "last"]),
-                       env=_env(), capture_output=True, text=True, timeout=600)
+    r = _run_ranks(_fit_cmd(_two_rank_args(tiny_bert_dir, data, cut, variant) + ["--ckpt_path", "last"]))
     assert r.returncode == 0, r.stderr[-3000:]
 
     for rank in (0, 1):
