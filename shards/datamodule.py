@@ -232,7 +232,7 @@ class MixtureStream(IterableDataset):
 
 def _worker_context(method: str):
     """The multiprocessing context for DataLoader workers. The fork server imports this module (torch, the
-    tokenizer library) once when it starts, so each worker it forks starts in milliseconds."""
+    tokenizer library) once when it starts, so the workers it forks do not import them again."""
     ctx = torch.multiprocessing.get_context(method)
     if method == "forkserver":
         ctx.set_forkserver_preload([__name__])  # takes effect when the server starts (first use)
@@ -448,20 +448,22 @@ class ShardDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> ShardDataLoader:
         stream = self._require_setup()
-        kw: dict[str, Any] = dict(num_workers=self.num_workers, pin_memory=self.pin_memory)
+        kw = self._loader_kwargs()
         if self.num_workers > 0:
-            kw.update(prefetch_factor=self.prefetch_factor, persistent_workers=False,
-                      multiprocessing_context=_worker_context(self.worker_start))
+            kw.update(persistent_workers=False)
         return ShardDataLoader(self, stream, **kw)
 
     def val_dataloader(self):
         if self._val_stream is None:
             return []  # Lightning skips validation
-        stream = self._val_stream
+        return _FixedLenLoader(self._val_stream, batch_size=None, **self._loader_kwargs())
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        """The DataLoader settings shared by the train and validation loaders."""
         kw: dict[str, Any] = dict(num_workers=self.num_workers, pin_memory=self.pin_memory)
         if self.num_workers > 0:
             kw.update(prefetch_factor=self.prefetch_factor, multiprocessing_context=_worker_context(self.worker_start))
-        return _FixedLenLoader(stream, batch_size=None, **kw)
+        return kw
 
     # -- cursor ---------------------------------------------------------------------------------------------
 
