@@ -82,7 +82,7 @@ def build_shards(fmt: str, inputs: list[str], out_dir: str, opts: Optional[Sourc
         raise InputError(f"--limit must be >= 1, got {limit}")
     opts = opts or SourceOptions()
     desc, items = open_source(fmt, inputs, opts)
-    od = prepare_out_dir(Path(out_dir), overwrite, inputs if fmt != "docstrings" else ())
+    od = prepare_out_dir(Path(out_dir), overwrite, inputs if fmt not in ("docstrings", "prose") else ())
     with od as tmp:
         return _build_into(tmp, fmt, inputs, desc, items, opts, maxcount=maxcount, maxsize=maxsize,
                            on_error=on_error, limit=limit, progress=progress)
@@ -169,7 +169,7 @@ def build_main(argv: list[str]) -> int:
     ap.add_argument("--input", nargs="*", default=[], metavar="PATH",
                     help="input files (jsonl/parquet), a BEIR directory, HF dataset names/dirs, or package names "
                          "for docstrings (default: stdlib, torch, transformers, ... whichever are installed)")
-    ap.add_argument("--format", required=True, choices=["jsonl", "parquet", "beir", "hf", "docstrings"])
+    ap.add_argument("--format", required=True, choices=["jsonl", "parquet", "beir", "hf", "docstrings", "prose"])
     ap.add_argument("--out", required=True, help="output directory (shard-*.tar + manifest.json)")
     ap.add_argument("--query-field", default="query")
     ap.add_argument("--passage-field", default="positive")
@@ -184,8 +184,9 @@ def build_main(argv: list[str]) -> int:
     ap.add_argument("--min-grade", type=int, default=1, help="BEIR: minimum qrels grade of a positive")
     ap.add_argument("--hf-split", default="train")
     ap.add_argument("--split", default="all", choices=["all", "train", "heldout"],
-                    help="docstrings: keep all pairs, the train split, or the held-out split")
-    ap.add_argument("--heldout-fraction", type=float, default=0.05, help="docstrings: share of queries held out")
+                    help="docstrings / prose: keep all pairs, the train split, or the held-out split")
+    ap.add_argument("--heldout-fraction", type=float, default=0.05,
+                    help="docstrings / prose: share of queries held out")
     ap.add_argument("--maxcount", type=int, default=10000, help="max samples per shard")
     ap.add_argument("--maxsize", default=None, help="max bytes per shard (e.g. 256MB)")
     ap.add_argument("--limit", type=int, default=None, help="stop after N samples")

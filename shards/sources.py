@@ -14,6 +14,7 @@ import importlib.metadata
 import importlib.util
 import math
 import os
+import re
 import sys
 import sysconfig
 from dataclasses import dataclass, field
@@ -338,12 +339,85 @@ def _docstrings(inputs: list[str], opts: SourceOptions):
     return desc, it()
 
 
+# -- prose: inverse-cloze pairs from the Python language reference --------------------------------------
+
+MIN_PROSE_CHARS = 200
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"(*])")
+
+
+def prose_paragraphs(topics: dict[str, str]) -> Iterator[tuple[str, int, str]]:
+    """(topic, paragraph index, text) of the running-text paragraphs of pydoc's help topics: blocks that are
+    not indented (code, grammar, tables), hold no prompt or grammar rule, and are at least MIN_PROSE_CHARS long.
+    Several topics repeat sections of others: a paragraph seen before (in sorted topic order) is not yielded again."""
+    seen = set()
+    for topic in sorted(topics):
+        for i, block in enumerate(topics[topic].split("\n\n")):
+            lines = block.strip("\n").split("\n")
+            if any(line.startswith(" ") for line in lines):
+                continue
+            text = " ".join(block.split())
+            if len(text) < MIN_PROSE_CHARS or ">>>" in text or "::=" in text or set(text) <= set("=-*+| "):
+                continue
+            if text in seen:
+                continue
+            seen.add(text)
+            yield topic, i, text
+
+
+def prose_pair(text: str) -> Optional[tuple[str, str]]:
+    """(first sentence, the rest of the paragraph), or None for a paragraph of one sentence or a rest under
+    MIN_REST_CHARS: the query never appears in its positive, as with the docstring pairs."""
+    parts = _SENTENCE_END.split(text, maxsplit=1)
+    if len(parts) < 2 or len(parts[0]) < MIN_SUMMARY_CHARS or len(parts[1]) < MIN_REST_CHARS:
+        return None
+    return parts[0], parts[1]
+
+
+def _prose(inputs: list[str], opts: SourceOptions):
+    if inputs:
+        raise InputError("--format prose reads the Python reference shipped with this interpreter "
+                         f"(pydoc_data.topics) and takes no --input, got {inputs}")
+    if opts.split not in ("all", "train", "heldout"):
+        raise InputError(f"--split must be all, train or heldout, got {opts.split!r}")
+    if not 0.0 < opts.heldout_fraction < 1.0:
+        raise InputError(f"--heldout-fraction must be in (0, 1), got {opts.heldout_fraction}")
+    try:
+        from pydoc_data import topics as topics_module
+    except ImportError as e:  # some distributions split the stdlib's documentation into another package
+        raise InputError(f"--format prose needs the stdlib's pydoc_data.topics, which this Python lacks: {e}")
+    src = Path(topics_module.__file__)
+
+    def it() -> Iterator[Item]:
+        for topic, i, text in prose_paragraphs(topics_module.topics):
+            pair = prose_pair(text)
+            if pair is None:
+                continue
+            if opts.split != "all" and split_of(pair[0], opts.heldout_fraction) != opts.split:
+                continue
+            origin = f"pydoc_data.topics:{topic}:{i}"
+            key = "prose_" + hashlib.blake2b(origin.encode(), digest_size=10).hexdigest()
+            yield Record(key, {"query": pair[0], "positive": pair[1], "meta": {"origin": origin}},
+                         f"{src}:{topic}[{i}]")
+
+    desc = {
+        "format": "prose",
+        "source": "pydoc_data.topics (the Python language reference's help topics)",
+        "python": sys.version.split()[0],
+        "pair": "first sentence -> rest of the paragraph (running-text paragraphs only)",
+        "split": opts.split,
+        "heldout_fraction": opts.heldout_fraction,
+        "split_rule": "blake2b-64(normalised query) mod 1e6 < heldout_fraction * 1e6 -> heldout",
+    }
+    return desc, it()
+
+
 SOURCES: dict[str, Callable[[list[str], SourceOptions], tuple[dict, Iterator[Item]]]] = {
     "jsonl": _jsonl,
     "parquet": _parquet,
     "beir": _beir,
     "hf": _hf,
     "docstrings": _docstrings,
+    "prose": _prose,
 }
 
 

@@ -162,6 +162,38 @@ def test_docstrings_source_splits_are_disjoint(tmp_path):
     assert s["meta"]["origin"].split(":")[0] in ("json", "email")
 
 
+def test_prose_source_splits_are_disjoint_and_queries_are_not_in_their_positives(tmp_path, capsys):
+    base = ["shards", "build", "--format", "prose", "--no-progress", "--heldout-fraction", "0.5"]
+    outs = {}
+    for split in ("all", "train", "heldout"):
+        assert cli(base + ["--split", split, "--out", str(tmp_path / split)]) == 0
+        m = load_manifest(tmp_path / split)
+        assert m["source"]["format"] == "prose" and m["source"]["split"] == split
+        outs[split] = {k: s for e in m["shards"] for k, s in iter_shard(shard_path(tmp_path / split, e))}
+    assert len(outs["all"]) > 200
+    assert outs["train"].keys().isdisjoint(outs["heldout"].keys())
+    assert outs["train"].keys() | outs["heldout"].keys() == outs["all"].keys()
+    samples = list(outs["all"].values())
+    assert len({s["positive"] for s in samples}) == len(samples)  # topics repeat sections: each paragraph once
+    for s in samples:
+        assert s["query"] not in s["positive"] and s["query"][-1] in ".!?:)" and len(s["positive"]) >= 40
+        assert s["meta"]["origin"].startswith("pydoc_data.topics:")
+    assert cli(base + ["--input", "stdlib", "--out", str(tmp_path / "bad")]) == 1
+    assert "takes no --input" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_prose_pair_rules():
+    from ropebert.shards.sources import prose_pair, prose_paragraphs
+
+    assert prose_pair("One sentence only, and long enough to be a paragraph of its own here.") is None
+    q, rest = prose_pair('The "with" statement wraps a block. It calls "__enter__()" first, and "__exit__()" '
+                         "when the block is left, even by an exception.")
+    assert q == 'The "with" statement wraps a block.' and rest.startswith('It calls "__enter__()"')
+    long = "Plain running text that explains something at length. " * 5
+    topics = {"b": long + "\n\n    indented code block that is long enough " * 8, "a": long + "\n\n>>> 1 + 1\n2"}
+    assert [(t, i) for t, i, _ in prose_paragraphs(topics)] == [("a", 0)]  # b's first paragraph repeats a's
+
+
 def test_cli_usage_errors(tmp_path, capsys):
     assert cli(["shards"]) == 2
     assert cli(["shards", "verify", str(tmp_path)]) == 1  # no manifest
