@@ -38,20 +38,27 @@ def _curve_key(spec: str):
     return f"stage {stage.removeprefix('stage')}", int(step)
 
 
-def curve_table(curve_doc: dict, curve_ms: dict | None, ms: dict | None, doc: dict | None) -> list[str]:
+def curve_table(curve_doc: dict, curve_ms: dict | None, ms: dict | None, doc: dict | None,
+                curve_prose: dict | None = None, prose: dict | None = None) -> list[str]:
     """nDCG@10 against training steps of both stages (`ropebert demo --curve K`), the APE parent beside."""
     def points(res):
         return {_curve_key(r["name"]): r["metrics"]["ndcg@10"] for r in res["results"] if "-step" in r["name"]}
 
+    def parent_of(res):
+        return _retrieval_rows(res).get(_name("st:"), {}).get("ndcg@10", float("nan"))
+
     d = points(curve_doc)
-    m = {} if curve_ms is None else points(curve_ms)
-    doc, ms = doc or curve_doc, ms or curve_ms  # the parent: from the main evaluation, else the curve's own run
-    header = ["stage", "step", "held-out docstrings nDCG@10"] + (["MS MARCO nDCG@10"] if curve_ms else [])
-    rows = [[s, str(n), f"{v:.4f}"] + ([f"{m[(s, n)]:.4f}" if (s, n) in m else "—"] if curve_ms else [])
+    extra = [(label, points(res)) for label, res in (("prose", curve_prose), ("MS MARCO", curve_ms)) if res]
+    # the parent: from the main evaluation, else the curve's own run
+    doc, ms, prose = doc or curve_doc, ms or curve_ms, prose or curve_prose
+    header = ["stage", "step", "held-out docstrings nDCG@10"] + [f"{label} nDCG@10" for label, _ in extra]
+    rows = [[s, str(n), f"{v:.4f}"] + [f"{m[(s, n)]:.4f}" if (s, n) in m else "—" for _, m in extra]
             for (s, n), v in sorted(d.items())]
-    parent = [f"APE parent: held-out {_retrieval_rows(doc).get(_name('st:'), {}).get('ndcg@10', float('nan')):.4f}"]
+    parent = [f"APE parent: held-out {parent_of(doc):.4f}"]
+    if prose is not None:
+        parent.append(f"prose {parent_of(prose):.4f}")
     if ms is not None:
-        parent.append(f"MS MARCO {_retrieval_rows(ms).get(_name('st:'), {}).get('ndcg@10', float('nan')):.4f}")
+        parent.append(f"MS MARCO {parent_of(ms):.4f}")
     return ["nDCG@10 against training steps (`--curve`; " + ", ".join(parent) + ")", "",
             markdown_table(header, rows), ""]
 
@@ -98,13 +105,14 @@ def size_table(ms: dict) -> tuple[list[str], list[str]]:
 def write_summary(out: Path) -> str:
     ev = out / "eval"
     doc = _load(ev / "docstrings.json")
+    prose = _load(ev / "prose.json")
     ms = _load(ev / "msmarco.json")
     pk = _load(ev / "passkey.json")
     nd = _load(ev / "needle.json")
     reload = _load(ev / "reload.json")
     lines = ["# ropebert demo summary", ""]
 
-    d_rows, m_rows = _retrieval_rows(doc), _retrieval_rows(ms)
+    d_rows, p_rows, m_rows = _retrieval_rows(doc), _retrieval_rows(prose), _retrieval_rows(ms)
     ms_label = "MS MARCO"
     if ms is not None:
         st = ms["data_stats"]
@@ -113,6 +121,8 @@ def write_summary(out: Path) -> str:
             ms_label = f"MS MARCO ({n_ms} of {n_file} passages)"
     order = [n for n in [_name("st:"), _name("bm25"), *DISPLAY.values()] if n in d_rows or n in m_rows]
     header = ["system", "held-out docstrings nDCG@10", "MRR@10"]
+    if prose is not None:
+        header += ["prose nDCG@10", "MRR@10"]
     if ms is not None:
         header += [f"{ms_label} nDCG@10", "MRR@10", "Recall@100"]
     rows = []
@@ -120,6 +130,9 @@ def write_summary(out: Path) -> str:
         row = [n]
         d = d_rows.get(n)
         row += [f"{d['ndcg@10']:.4f}", f"{d['mrr@10']:.4f}"] if d else ["—", "—"]
+        if prose is not None:
+            p = p_rows.get(n)
+            row += [f"{p['ndcg@10']:.4f}", f"{p['mrr@10']:.4f}"] if p else ["—", "—"]
         if ms is not None:
             m = m_rows.get(n)
             row += [f"{m['ndcg@10']:.4f}", f"{m['mrr@10']:.4f}", f"{m['recall@100']:.4f}"] if m else ["—"] * 3
@@ -133,14 +146,17 @@ def write_summary(out: Path) -> str:
                        + (f"the full {n_file} passages" if n_ms >= n_file else
                           f"{n_ms} of its {n_file} passages (every judged passage + a seeded sample; "
                           "`ropebert demo --full-eval` for the full corpus)"))
+        p_text = "" if prose is None else (f"; prose (Python reference, a second tuning split): "
+                                           f"{prose['data_stats']['num_queries_judged']} queries, "
+                                           f"{prose['data_stats']['num_corpus']} documents")
         lines.append(f"Retrieval (held-out docstrings: {s['num_queries_judged']} queries, {s['num_corpus']} documents"
-                     + ms_text + ")")
+                     + p_text + ms_text + ")")
         lines += ["", markdown_table(header, rows), ""]
     size_lines, size_checks = size_table(ms) if ms is not None else ([], [])
     lines += size_lines
 
     checks = []
-    for label, rows_ in (("held-out docstrings", d_rows), (ms_label, m_rows)):
+    for label, rows_ in (("held-out docstrings", d_rows), ("prose", p_rows), (ms_label, m_rows)):
         s1, s2, ape = rows_.get(DISPLAY["stage1"]), rows_.get(DISPLAY["stage2"]), rows_.get(_name("st:"))
         if s1 and s2:
             ok = s2["ndcg@10"] >= s1["ndcg@10"]
@@ -189,7 +205,7 @@ def write_summary(out: Path) -> str:
         lines += ["Checks (reported as measured):", *checks, ""]
     curve_doc, curve_ms = _load(ev / "curve-docstrings.json"), _load(ev / "curve-msmarco.json")
     if curve_doc is not None:
-        lines += curve_table(curve_doc, curve_ms, ms, doc)
+        lines += curve_table(curve_doc, curve_ms, ms, doc, _load(ev / "curve-prose.json"), prose)
     marks = sorted((out / ".demo").glob("*.done"))
     if marks:
         t = {m.stem: json.loads(m.read_text()).get("seconds") for m in marks}

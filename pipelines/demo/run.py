@@ -9,6 +9,8 @@ Steps (each one a `ropebert ...` command you could run yourself; they are printe
   2. shards    stage-1 pairs from the embedded docstring source (train split), one shard directory per package
                (stdlib, torch, transformers, numpy) and a mixture file        artifacts/shards/stage1/mixture.yaml
                + held-out docstring pairs of the same packages as a BEIR directory artifacts/eval/docstrings-heldout
+               + prose pairs of the Python language reference (first sentence -> rest of the paragraph; never
+                 trained on), the second tuning split                               artifacts/eval/prose
   3. stage 1   on the mixture, batches mixing the packages; in-batch negatives (duplicate texts masked)
                + distillation from the APE parent as a frozen teacher (token-level hidden states, pooled
                embeddings, in-batch score rows), Matryoshka dims 384/256/128/64    configs/demo/pretrain.yaml
@@ -18,10 +20,10 @@ Steps (each one a `ropebert ...` command you could run yourself; they are printe
                                                                               configs/demo/finetune.yaml
   6. export    stage-1 / stage-2 checkpoints -> HF dirs; reload stage 2 with plain transformers in a fresh
                process (ropebert not importable there) and compare embeddings
-  7. evaluate  held-out docstring retrieval and, when ../shared/data exists, MS MARCO (+ BM25) for the APE parent,
-               stage 1 and stage 2, also at 384 / 128 / 64 dims stored as float32 / int8 / binary (int8 and binary
-               re-scored in float32 over their top 100); passkey and the real-data needle task at 256-4096
-               tokens under none / ntk / selfextend, beside the APE parent truncated at 512
+  7. evaluate  held-out docstring and prose retrieval and, when ../shared/data exists, MS MARCO (+ BM25) for
+               the APE parent, stage 1 and stage 2, also at 384 / 128 / 64 dims stored as float32 / int8 / binary
+               (int8 and binary re-scored in float32 over their top 100); passkey and the real-data needle task
+               at 256-4096 tokens under none / ntk / selfextend, beside the APE parent truncated at 512
   8. summary   one table (artifacts/demo_summary.md) and plots (artifacts/plots/)
 No prefixes anywhere: the APE parent was trained without them, and the teacher reads the student's tokens.
 
@@ -45,6 +47,7 @@ The evaluation runs again when its settings changed; another training size on th
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -83,6 +86,26 @@ STAGE1_DATA = ("docstrings by package: " + ", ".join(f"{p} {share:g}" for p, sha
                + "; batch_source mixed")
 # the MS MARCO evaluation's size sweep: Matryoshka dims x stored precision, binary / int8 re-scored in float
 SIZE_SWEEP = ("--dims", "384,128,64", "--quantize", "float32,int8,binary", "--rescore", 100)
+
+
+def pairs_to_beir(out: Path, records: list) -> tuple[int, int]:
+    """Write (query, positive) records as a BEIR directory: the corpus holds every positive; records that share
+    a query (case and spacing aside: queries are written lower-cased and space-normalised) share one query id
+    with several relevant documents. A directory left by an interrupted earlier run of the demo is replaced.
+    Returns (queries, documents)."""
+    qid_of: dict[str, str] = {}
+    queries, corpus, qrels = [], [], []
+    for rec in records:
+        norm = " ".join(rec.sample["query"].lower().split())
+        if norm not in qid_of:
+            qid_of[norm] = f"q{len(qid_of)}"
+            queries.append({"_id": qid_of[norm], "text": norm})
+        corpus.append({"_id": rec.key, "title": "", "text": rec.sample["positive"]})
+        qrels.append((qid_of[norm], rec.key, 1))
+    if out.exists():
+        shutil.rmtree(out)
+    write_beir(out, corpus, queries, qrels)
+    return len(queries), len(corpus)
 
 
 class Demo:
@@ -165,6 +188,7 @@ class Demo:
         print(f"[demo] stage-1 mixture: {self.stage1_data}")
         held_out = {"quick": 150, "short": 300}.get(self.scale, 400)  # documents
         self.heldout_beir(self.path("eval", "docstrings-heldout"), limit=held_out)
+        self.prose_beir()
 
     @property
     def stage1_data(self) -> Path:
@@ -174,28 +198,25 @@ class Demo:
         """Held-out docstring pairs (the source's hash split, never seen in training) as a BEIR directory, from
         the stage-1 packages in their stage-1 shares: queries are summary lines, the corpus holds every held-out
         positive; pairs that share a summary share one query with several relevant documents."""
-        queries: dict[str, str] = {}
-        qrels: list[tuple[str, str]] = []
-        corpus = []
+        records = []
         for pkg, share in STAGE1_SOURCES:
-            _, records = open_source("docstrings", [pkg], SourceOptions(split="heldout"))
-            want = len(corpus) + round(limit * share)
-            for rec in records:
-                if len(corpus) >= want:
-                    break
-                q, p = rec.sample["query"], rec.sample["positive"]
-                norm = " ".join(q.lower().split())
-                qid = queries.setdefault(norm, f"q{len(queries)}")
-                corpus.append({"_id": rec.key, "title": "", "text": p})
-                qrels.append((qid, rec.key))
-        if len(corpus) < 50:
-            raise UserError(f"only {len(corpus)} held-out docstring pairs found; the demo needs at least 50")
-        text_of = {v: k for k, v in queries.items()}
-        if out.exists():  # written by an earlier, interrupted run of this step
-            shutil.rmtree(out)
-        write_beir(out, corpus, [{"_id": qid, "text": text_of[qid]} for qid in queries.values()],
-                   [(qid, did, 1) for qid, did in qrels])
-        print(f"[demo] held-out docstring retrieval set: {len(queries)} queries, {len(corpus)} documents -> {out}")
+            _, it = open_source("docstrings", [pkg], SourceOptions(split="heldout"))
+            records += list(itertools.islice(it, round(limit * share)))
+        if len(records) < 50:
+            raise UserError(f"only {len(records)} held-out docstring pairs found; the demo needs at least 50")
+        n_q, n_d = pairs_to_beir(out, records)
+        print(f"[demo] held-out docstring retrieval set: {n_q} queries, {n_d} documents -> {out}")
+
+    def prose_beir(self) -> Path:
+        """The second tuning split, prose rather than API text: every inverse-cloze pair of the Python language
+        reference (`--format prose`: first sentence -> rest of the paragraph). Nothing in the demo trains on
+        it; written once (artifacts of an earlier demo without it get it on their next evaluation)."""
+        out = self.path("eval", "prose")
+        if not (out / "corpus.jsonl").is_file():
+            _, it = open_source("prose", [], SourceOptions(split="all"))
+            n_q, n_d = pairs_to_beir(out, list(it))
+            print(f"[demo] prose retrieval set (Python reference): {n_q} queries, {n_d} documents -> {out}")
+        return out
 
     def fit(self, config: str, ckpt_dir: Path, extra: list[str]):
         args = ["fit", "--config", config_path(f"demo/{config}"), *extra]
@@ -326,6 +347,8 @@ class Demo:
         self.ropebert("eval", "retrieval", "--data", ev / "docstrings-heldout", *model_args, "--baseline", f"st:{ape}",
                       *NO_PREFIXES, "--output", ev / "docstrings.json", "--plot", plots / "docstrings_retrieval.png",
                       "--no-progress")
+        self.ropebert("eval", "retrieval", "--data", self.prose_beir(), *model_args, "--baseline", f"st:{ape}",
+                      *NO_PREFIXES, "--output", ev / "prose.json", "--no-progress")
         lengths = ",".join(map(str, es["lengths"]))
         if self.shared is not None:  # MS MARCO is test data: evaluated, never trained or tuned on
             sub = ([] if es["msmarco_queries"] is None else ["--max-queries", es["msmarco_queries"]]) + (
@@ -372,6 +395,8 @@ class Demo:
         ev = self.path("eval")
         self.ropebert("eval", "retrieval", "--data", ev / "docstrings-heldout", *model_args, *NO_PREFIXES,
                       "--output", ev / "curve-docstrings.json", "--no-progress")
+        self.ropebert("eval", "retrieval", "--data", self.prose_beir(), *model_args, *NO_PREFIXES,
+                      "--output", ev / "curve-prose.json", "--no-progress")
         if self.shared is not None:
             self.ropebert("eval", "retrieval", "--data", self.shared / "msmarco", *model_args, *NO_PREFIXES,
                           *(["--max-docs", 300] if self.quick else []), "--output", ev / "curve-msmarco.json",

@@ -209,3 +209,28 @@ def test_summary_sizes_table_and_quantisation_checks(tmp_path):
     assert "- stage 2 at 384 dims, binary + rescore: 96.2% of float32 nDCG@10 (0.7600 vs 0.7900" in text
     assert ("- stage 2 (Matryoshka-trained) vs the APE parent (not trained for it), both cut to 64 dims: 0.7000 vs "
             "0.6000 (above)") in text
+
+
+def test_summary_shows_the_prose_tuning_split(tmp_path):
+    _eval_dir(tmp_path, (0.80, 0.7, 0.82, 0.83), "docstrings.json")
+    names = ("st:/x/ape", str(tmp_path / "models/stage1"), str(tmp_path / "models/stage2"))
+    (tmp_path / "eval" / "prose.json").write_text(json.dumps(_retrieval(list(zip(names, (0.70, 0.72, 0.71))))))
+    text = write_summary(tmp_path)
+    assert "prose (Python reference, a second tuning split): 10 queries, 100 documents" in text
+    assert "stage 2 < stage 1 on prose (nDCG@10 0.7100 vs 0.7200): NO" in text
+    assert "stage 2 >= stage 1 on held-out docstrings (nDCG@10 0.8300 vs 0.8200): yes" in text
+    parent = next(" ".join(line.split()) for line in text.splitlines() if line.startswith("| APE parent"))
+    assert parent.startswith("| APE parent all-MiniLM-L6-v2 (sentence-transformers) | 0.8000 | 0.8000 | 0.7000 |")
+
+
+def test_prose_set_is_written_once_and_holds_no_training_text(tmp_path):
+    from ropebert.shards.beir import read_beir
+
+    d = Demo(tmp_path, None, quick=True)
+    out = d.prose_beir()
+    b = read_beir(out)
+    assert not b.bads and len(b.corpus) > 200 and len(b.queries) > 200 and len(b.judgements) == len(b.corpus)
+    stamp = (out / "corpus.jsonl").stat().st_mtime_ns
+    assert d.prose_beir() == out and (out / "corpus.jsonl").stat().st_mtime_ns == stamp
+    for j in b.judgements:  # a query is never inside its own relevant passage
+        assert b.queries[j.qid][0]["text"] not in " ".join(b.corpus[j.did][0]["text"].lower().split())
