@@ -234,3 +234,17 @@ def test_prose_set_is_written_once_and_holds_no_training_text(tmp_path):
     assert d.prose_beir() == out and (out / "corpus.jsonl").stat().st_mtime_ns == stamp
     for j in b.judgements:  # a query is never inside its own relevant passage
         assert b.queries[j.qid][0]["text"] not in " ".join(b.corpus[j.did][0]["text"].lower().split())
+
+
+def test_artifacts_of_another_conversion_are_refused(tmp_path):
+    """A demo directory trained from another APE -> RoPE conversion (an earlier recipe) is not resumed."""
+    from ropebert.errors import UserError
+    from ropebert.pipelines.demo.run import CONVERSION
+
+    d = Demo(tmp_path, None, quick=False)
+    old = {k: v for k, v in d.train_settings().items() if k != "conversion"}
+    (tmp_path / ".demo").mkdir()
+    (tmp_path / ".demo" / "train.json").write_text(json.dumps(old))
+    with pytest.raises(UserError, match="--keep-positions 64"):
+        d.check_training_scale()
+    assert "--keep-positions" in CONVERSION
