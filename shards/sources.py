@@ -224,6 +224,23 @@ def split_of(query: str, heldout_fraction: float) -> str:
     return "heldout" if h % 1_000_000 < heldout_fraction * 1_000_000 else "train"
 
 
+def _check_split(opts: SourceOptions) -> None:
+    if opts.split not in ("all", "train", "heldout"):
+        raise InputError(f"--split must be all, train or heldout, got {opts.split!r}")
+    if not 0.0 < opts.heldout_fraction < 1.0:
+        raise InputError(f"--heldout-fraction must be in (0, 1), got {opts.heldout_fraction}")
+
+
+def _split_desc(opts: SourceOptions) -> dict:
+    """The manifest's record of the interpreter and the hash split (docstrings and prose share both)."""
+    return {
+        "python": sys.version.split()[0],
+        "split": opts.split,
+        "heldout_fraction": opts.heldout_fraction,
+        "split_rule": "blake2b-64(normalised query) mod 1e6 < heldout_fraction * 1e6 -> heldout",
+    }
+
+
 def _package_roots(packages: list[str]) -> list[tuple[str, Path, str]]:
     """[(name, root dir, version)] of the packages to scan; stdlib = the pure-python standard library."""
     roots = []
@@ -286,10 +303,7 @@ def docstring_pair(node) -> Optional[tuple[str, str]]:
 
 
 def _docstrings(inputs: list[str], opts: SourceOptions):
-    if opts.split not in ("all", "train", "heldout"):
-        raise InputError(f"--split must be all, train or heldout, got {opts.split!r}")
-    if not 0.0 < opts.heldout_fraction < 1.0:
-        raise InputError(f"--heldout-fraction must be in (0, 1), got {opts.heldout_fraction}")
+    _check_split(opts)
     packages = list(inputs) if inputs else list(opts.packages)
     roots = _package_roots(packages)
     if not roots:
@@ -330,11 +344,8 @@ def _docstrings(inputs: list[str], opts: SourceOptions):
     desc = {
         "format": "docstrings",
         "packages": {n: v for n, _, v in roots},
-        "python": sys.version.split()[0],
         "pair": "summary line -> signature + rest of docstring",
-        "split": opts.split,
-        "heldout_fraction": opts.heldout_fraction,
-        "split_rule": "blake2b-64(normalised query) mod 1e6 < heldout_fraction * 1e6 -> heldout",
+        **_split_desc(opts),
     }
     return desc, it()
 
@@ -377,10 +388,7 @@ def _prose(inputs: list[str], opts: SourceOptions):
     if inputs:
         raise InputError("--format prose reads the Python reference shipped with this interpreter "
                          f"(pydoc_data.topics) and takes no --input, got {inputs}")
-    if opts.split not in ("all", "train", "heldout"):
-        raise InputError(f"--split must be all, train or heldout, got {opts.split!r}")
-    if not 0.0 < opts.heldout_fraction < 1.0:
-        raise InputError(f"--heldout-fraction must be in (0, 1), got {opts.heldout_fraction}")
+    _check_split(opts)
     try:
         from pydoc_data import topics as topics_module
     except ImportError as e:  # some distributions split the stdlib's documentation into another package
@@ -402,11 +410,8 @@ def _prose(inputs: list[str], opts: SourceOptions):
     desc = {
         "format": "prose",
         "source": "pydoc_data.topics (the Python language reference's help topics)",
-        "python": sys.version.split()[0],
         "pair": "first sentence -> rest of the paragraph (running-text paragraphs only)",
-        "split": opts.split,
-        "heldout_fraction": opts.heldout_fraction,
-        "split_rule": "blake2b-64(normalised query) mod 1e6 < heldout_fraction * 1e6 -> heldout",
+        **_split_desc(opts),
     }
     return desc, it()
 
