@@ -12,8 +12,8 @@ Steps (each one a `ropebert ...` command you could run yourself; they are printe
                + prose pairs of the Python language reference (first sentence -> rest of the paragraph; never
                  trained on), the second tuning split                               artifacts/eval/prose
   3. stage 1   on the mixture, batches mixing the packages; in-batch negatives (duplicate texts masked)
-               + distillation from the APE parent as a frozen teacher (token-level hidden states, pooled
-               embeddings, in-batch score rows), Matryoshka dims 384/256/128/64    configs/demo/pretrain.yaml
+               + distillation from the APE parent as a frozen teacher (token-level hidden states and pooled
+               embeddings), Matryoshka dims 384/256/128/64                       configs/demo/pretrain.yaml
   4. mine      hard negatives with the stage-1 model, scored by the APE parent  artifacts/shards/stage2
                (`ropebert mine` then `ropebert score`)
   5. stage 2   1 positive + 7 hard negatives, KL to the parent's scores + the teacher terms, Matryoshka dims
