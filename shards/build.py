@@ -82,7 +82,7 @@ def build_shards(fmt: str, inputs: list[str], out_dir: str, opts: Optional[Sourc
         raise InputError(f"--limit must be >= 1, got {limit}")
     opts = opts or SourceOptions()
     desc, items = open_source(fmt, inputs, opts)
-    od = prepare_out_dir(Path(out_dir), overwrite, inputs if fmt not in ("docstrings", "prose") else ())
+    od = prepare_out_dir(Path(out_dir), overwrite, inputs if fmt != "docstrings" else ())
     with od as tmp:
         return _build_into(tmp, fmt, inputs, desc, items, opts, maxcount=maxcount, maxsize=maxsize,
                            on_error=on_error, limit=limit, progress=progress)

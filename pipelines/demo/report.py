@@ -125,18 +125,10 @@ def write_summary(out: Path) -> str:
         header += ["prose nDCG@10", "MRR@10"]
     if ms is not None:
         header += [f"{ms_label} nDCG@10", "MRR@10", "Recall@100"]
-    rows = []
-    for n in order:
-        row = [n]
-        d = d_rows.get(n)
-        row += [f"{d['ndcg@10']:.4f}", f"{d['mrr@10']:.4f}"] if d else ["—", "—"]
-        if prose is not None:
-            p = p_rows.get(n)
-            row += [f"{p['ndcg@10']:.4f}", f"{p['mrr@10']:.4f}"] if p else ["—", "—"]
-        if ms is not None:
-            m = m_rows.get(n)
-            row += [f"{m['ndcg@10']:.4f}", f"{m['mrr@10']:.4f}", f"{m['recall@100']:.4f}"] if m else ["—"] * 3
-        rows.append(row)
+    columns = [(d_rows, ("ndcg@10", "mrr@10"))] + ([(p_rows, ("ndcg@10", "mrr@10"))] if prose is not None else []) + (
+        [(m_rows, ("ndcg@10", "mrr@10", "recall@100"))] if ms is not None else [])
+    rows = [[n] + [f"{rows_[n][k]:.4f}" if n in rows_ else "—" for rows_, keys in columns for k in keys]
+            for n in order]
     if doc is not None:
         s = doc["data_stats"]
         if ms is None:
