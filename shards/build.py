@@ -250,6 +250,7 @@ SUBCOMMANDS = {
     "build": (f"{__name__}:build_main", "sources -> webdataset tar shards + manifest.json"),
     "inspect": (f"{__name__}:inspect_main", "summarise a manifest"),
     "verify": (f"{__name__}:verify_main", "re-read every shard against the manifest"),
+    "pack": ("ropebert.shards.pack:pack_main", "long-document pairs: each positive packed among filler passages"),
 }
 
 
