@@ -5,11 +5,21 @@ requires Triton; the model side (ropebert.model) registers `rope_triton` as rope
 `triton_available()`.
 """
 
-if __name__ == "kernels":  # pragma: no cover - depends on the environment
+def _distribution_installed(name: str) -> bool:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution(name)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+if __name__ == "kernels" and _distribution_installed("kernels"):  # pragma: no cover - depends on the environment
     # This directory was imported as the top-level module `kernels`: the checkout's root is on sys.path (`python -m
     # ropebert` run from it) and something imported the distribution of that name (Hugging Face `kernels`, which
     # transformers >= 5.25 requires and imports). Hand that import the distribution, never this package (which is
-    # ropebert.kernels only).
+    # ropebert.kernels only). Without that distribution the import goes on as before (transformers probes the name).
     import importlib
     import os
     import sys
@@ -20,10 +30,6 @@ if __name__ == "kernels":  # pragma: no cover - depends on the environment
     del sys.modules["kernels"]
     try:
         sys.modules["kernels"] = importlib.import_module("kernels")
-    except ImportError as e:
-        raise ImportError(f"`import kernels` found the ropebert checkout's kernels/ directory ({_root} is on sys.path) "
-                          "and no installed distribution named kernels; run from outside the checkout or install "
-                          "the `kernels` package") from e
     finally:
         sys.path[:] = _saved
 else:

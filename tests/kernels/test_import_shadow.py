@@ -24,5 +24,5 @@ def test_top_level_kernels_is_never_this_package(tmp_path):
         assert r.returncode == 0, r.stderr
         theirs, ours, same = r.stdout.split()
         assert Path(theirs).resolve().parent != (REPO / "kernels").resolve() and same == "False"
-    else:
-        assert r.returncode != 0 and "no installed distribution named kernels" in r.stderr
+    else:  # no such distribution: the name resolves as it always did (transformers only probes it)
+        assert r.returncode == 0, r.stderr
