@@ -19,6 +19,7 @@ arguments give the same shards.
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 from pathlib import Path
 from typing import Callable, Optional
@@ -105,6 +106,7 @@ def pack_shards(inp: str, out: str, *, min_length: int, max_length: int, limit: 
             raise InputError(f"shards pack: --tokenizer {tokenizer}: not a tokenizer or model directory ({e})") from None
         rust = tok.backend_tokenizer  # the Rust tokenizer: no truncation, no max-length warning on long texts
         unit, length = "tokens", (lambda t: len(rust.encode(t, add_special_tokens=False).ids))
+    length = functools.lru_cache(maxsize=None)(length)  # a filler is measured once, not once per document it could fill
     rows, hashes, dirs = read_pairs(inp)
     for d in dirs:  # a mixture's sources may live outside its directory
         check_not_inside(Path(out), d, "shards pack")
