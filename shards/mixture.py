@@ -46,7 +46,7 @@ import numpy as np
 
 from ropebert.errors import InputError
 
-from .format import load_manifest, manifest_hash
+from .format import load_manifest, manifest_hash, read_shard, shard_path
 from .plan import range_segments
 
 SAMPLING = ("proportional", "temperature", "weights")
@@ -317,3 +317,42 @@ def step_samples(plan: MixturePlan, step: int, rank: int) -> tuple[int, list[tup
     for idx, a, c in segs:
         ids += [(idx, int(j)) for j in within_pass_shard_order(plan, src, pass_, idx)[a:c]]
     return src, ids
+
+
+@dataclass(frozen=True)
+class PairSource:
+    """One shard directory of pairs, read whole: its mixture name (the directory for a plain directory), its
+    path, its manifest hash and its (key, sample) rows in shard order."""
+
+    name: str
+    path: str
+    manifest_hash: str
+    rows: list
+
+
+def read_pair_sources(path: str, command: str, why: str) -> list[PairSource]:
+    """Every source of a pair-shard directory or mixture file (in the file's order), read whole. A source whose
+    manifest is not of kind pairs is an error; so is a key that two sources share, naming both (`why`: what the
+    command does with keys that needs them unique). `command` names the caller in the messages."""
+    if is_mixture_file(path):
+        mix = load_mixture(path)
+        if mix.kind != "pairs":
+            raise InputError(f"{path}: {command} reads pair shards; the mixture's sources are {mix.kind!r}")
+        dirs = [(s.name, s.path) for s in mix.sources]
+    else:
+        dirs = [(str(path), str(path))]
+    sources, owner = [], {}
+    for name, d in dirs:
+        m = load_manifest(d)
+        if m["kind"] != "pairs":
+            raise InputError(f"{d}: {command} reads pair shards (query -> positive); this manifest is {m['kind']!r}")
+        rows = []
+        for entry in m["shards"]:
+            for key, sample in read_shard(shard_path(d, entry)):
+                if key in owner:
+                    raise InputError(f"{path}: key {key!r} is in source {owner[key]!r} and in source {name!r}; "
+                                     f"{why}, so they must be unique across sources")
+                owner[key] = name
+                rows.append((key, sample))
+        sources.append(PairSource(name, str(d), manifest_hash(m), rows))
+    return sources

@@ -27,8 +27,8 @@ from typing import Callable, Optional
 from ropebert.errors import InputError
 from ropebert.io import check_not_inside
 
-from .format import ShardWriter, load_manifest, manifest_hash, read_shard, shard_path, write_manifest
-from .mixture import is_mixture_file, load_mixture
+from .format import ShardWriter, write_manifest
+from .mixture import read_pair_sources
 
 SEPARATOR = "\n\n"
 KEY_SUFFIX = "+pack"  # a packed sample's key: its pair's key + this, so a mixture of both has unique keys
@@ -38,27 +38,9 @@ def read_pairs(path: str) -> tuple[list[tuple[str, dict]], dict[str, str], list[
     """(key, sample) of a pair-shard directory or of every source of a mixture file (in the file's order), the
     manifest hash of each shard directory read, and the directories (for the output-inside-input check). A key
     that two sources share is an error naming both: packed keys are the input keys + KEY_SUFFIX."""
-    if is_mixture_file(path):
-        mix = load_mixture(path)
-        if mix.kind != "pairs":
-            raise InputError(f"{path}: shards pack reads pair shards; the mixture's sources are {mix.kind!r}")
-        dirs = [(s.name, s.path) for s in mix.sources]
-    else:
-        dirs = [(str(path), str(path))]
-    rows, owner, hashes = [], {}, {}
-    for name, d in dirs:
-        m = load_manifest(d)
-        if m["kind"] != "pairs":
-            raise InputError(f"{d}: shards pack reads pair shards (query -> positive); this manifest is {m['kind']!r}")
-        hashes[str(d)] = manifest_hash(m)
-        for entry in m["shards"]:
-            for key, s in read_shard(shard_path(d, entry)):
-                if key in owner:
-                    raise InputError(f"{path}: key {key!r} is in {owner[key]} and in {name}; packed keys are the "
-                                     "input keys + a suffix, so they must be unique")
-                owner[key] = name
-                rows.append((key, s))
-    return rows, hashes, [d for _, d in dirs]
+    sources = read_pair_sources(path, "shards pack", "packed keys are the input keys + a suffix")
+    return ([r for s in sources for r in s.rows], {s.path: s.manifest_hash for s in sources},
+            [s.path for s in sources])
 
 
 def pack_document(positive: str, fillers: list[str], target: int, limit: int, rng: random.Random,

@@ -45,15 +45,12 @@ from ropebert.shards.build import SkipCounter
 from ropebert.shards.format import (
     MANIFEST,
     ShardWriter,
-    load_manifest,
-    read_shard,
     sanitize_key,
     sha256_file,
-    shard_path,
     shards_owned,
     write_manifest,
 )
-from ropebert.shards.mixture import is_mixture_file, load_mixture
+from ropebert.shards.mixture import is_mixture_file, load_mixture, read_pair_sources
 from ropebert.shards.records import Bad
 
 from ..search import INDEXES, exact_topk
@@ -112,31 +109,13 @@ def load_beir(root: Path, split: str, min_grade: int, corpus_limit: Optional[int
     return items, ids, texts, judged
 
 
-def load_pair_shards(path: str, max_queries: Optional[int], mix=None):
-    """A pair-shard directory, or a mixture file of them (`mix`: its load_mixture). With a mixture the sources'
-    queries are taken round-robin (one of each source in turn, in the file's order) before `max_queries` keeps the
-    first N, so every source is mined; the corpus is every distinct positive of every source. A key that two
-    sources share is an error naming both (the mined shards keep the input keys)."""
-    if mix is not None:
-        if mix.kind != "pairs":
-            raise InputError(f"{path}: mine --format shards reads pair shards; the mixture's sources are {mix.kind!r}")
-        dirs = [(s.name, s.path) for s in mix.sources]
-    else:
-        dirs = [(None, path)]
-    per_source, owner = [], {}
-    for name, d in dirs:
-        m = load_manifest(d)
-        rows = []
-        for entry in m["shards"]:
-            for key, s in read_shard(shard_path(d, entry)):
-                if name is not None:
-                    if key in owner:
-                        raise InputError(f"{path}: key {key!r} is in source {owner[key]!r} and in source {name!r}; "
-                                         "mined shards keep the input keys, so they must be unique across sources")
-                    owner[key] = name
-                rows.append((key, s))
-        per_source.append(rows)
-    ordered = [r for group in itertools.zip_longest(*per_source) for r in group if r is not None]
+def load_pair_shards(path: str, max_queries: Optional[int]):
+    """A pair-shard directory, or a mixture file of them. With a mixture the sources' queries are taken
+    round-robin (one of each source in turn, in the file's order) before `max_queries` keeps the first N, so every
+    source is mined; the corpus is every distinct positive of every source. A key that two sources share is an
+    error naming both (the mined shards keep the input keys)."""
+    sources = read_pair_sources(path, "mine --format shards", "mined shards keep the input keys")
+    ordered = [r for group in itertools.zip_longest(*(s.rows for s in sources)) for r in group if r is not None]
     items, pos_of_query, text_id = [], {}, {}
     for key, s in ordered:
         did = text_id.setdefault(s["positive"], f"p{len(text_id)}")
@@ -281,7 +260,7 @@ def mine(args) -> dict:
                                                            args.max_queries, args.on_error, skips)
     elif args.format == "shards":
         mix = load_mixture(str(src)) if is_mixture_file(str(src)) else None
-        items, corpus_ids, corpus_texts, judged = load_pair_shards(str(src), args.max_queries, mix)
+        items, corpus_ids, corpus_texts, judged = load_pair_shards(str(src), args.max_queries)
     else:
         raise InputError(f"--format must be beir or shards, got {args.format!r}")
     if not items:

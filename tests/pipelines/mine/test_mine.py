@@ -136,6 +136,11 @@ def test_mine_a_mixture_takes_queries_from_every_source(tmp_path, minilm_dir, ca
     mix.write_text(f"sources:\n  - {{path: wiki}}\n  - {{path: {tmp_path / 'far'}}}\n")
     assert cli(args + ["--out", str(tmp_path / "far" / "mined")]) != 0
     assert "is inside the source" in capsys.readouterr().err and not (tmp_path / "far" / "mined").exists()
+    # mined (hard-negative) shards are no input to mine: a clear error, not a silent read as pairs
+    plain = args[:args.index("--input") + 1] + [str(tmp_path / "mined")] + args[args.index("--input") + 2:]
+    assert cli(plain + ["--out", str(tmp_path / "mined3")]) != 0
+    assert "reads pair shards (query -> positive); this manifest is 'hard_negatives'" in capsys.readouterr().err
+    assert not (tmp_path / "mined3").exists()
 
 
 def test_mine_drops_copies_of_judged_passages_and_repeated_texts(tmp_path, minilm_dir, cached_model):
