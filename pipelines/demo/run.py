@@ -11,9 +11,13 @@ Steps (each one a `ropebert ...` command you could run yourself; they are printe
                + held-out docstring pairs of the same packages as a BEIR directory artifacts/eval/docstrings-heldout
                + prose pairs of the Python language reference (first sentence -> rest of the paragraph; never
                  trained on), the second tuning split                               artifacts/eval/prose
+               + long-document pairs: 60% of the stage-1 pairs with their positive packed among the other
+                 stage-1 passages, 254-508 tokens (`ropebert shards pack`)  artifacts/shards/stage1-long
   3. stage 1   on the mixture, batches mixing the packages; in-batch negatives (duplicate texts masked)
                + distillation from the APE parent as a frozen teacher (token-level hidden states and pooled
                embeddings), Matryoshka dims 384/256/128/64                       configs/demo/pretrain.yaml
+               then a second phase on the long-document pairs alone, same losses, lr 2e-5, passages up to 512
+               tokens: it trains the rotary-only positions and long-text pooling configs/demo/pretrain-long.yaml
   4. mine      hard negatives with the stage-1 model, scored by the APE parent  artifacts/shards/stage2
                (`ropebert mine` then `ropebert score`)
   5. stage 2   1 positive + 7 hard negatives, KL to the parent's scores + the teacher terms, Matryoshka dims
@@ -28,12 +32,12 @@ Steps (each one a `ropebert ...` command you could run yourself; they are printe
 No prefixes anywhere: the APE parent was trained without them, and the teacher reads the student's tokens.
 
 Two sizes. The default (`make demo`) is sized for 15 minutes on 2 CPU cores: 1,000 stage-1 pairs, stage 1 12
-steps, stage 2 6 steps on 48 mined queries; held-out docstrings: 300 documents; MS MARCO on its first 10 judged
+steps + 6 long-document steps, stage 2 6 steps on 48 mined queries; held-out docstrings: 300 documents; MS MARCO on its first 10 judged
 queries (their judged passages + a seeded sample, 500 in all); needle / passkey at 3 queries x 3 documents per
-length. `--full` runs the recipe of the configs (stage 1 40 steps, stage 2 20 steps on 160 mined queries, 2,000
+length. `--full` runs the recipe of the configs (stage 1 40 steps + 30 long-document steps, stage 2 20 steps on 160 mined queries, 2,000
 stage-1 pairs, up to 400 held-out documents) and `--full-eval`: every system, the converted-untrained model too, on the
 FULL MS MARCO subset (43 judged queries, 5,000 passages) and needle / passkey at 20 x 20 per length (about 45
-minutes in all). `--full-eval` alone re-evaluates a finished run at full size. `--steps N` trains stage 1
+minutes in all). `--full-eval` alone re-evaluates a finished run at full size. `--steps N` trains stage 1's first phase
 for N steps, `--pairs N` builds N stage-1 pairs (a longer run wants both). `--curve K` keeps every K-th stage-1
 checkpoint (and stage 2's every 10 steps) and adds an nDCG@10-vs-steps table of both stages (held-out docstrings
 and, when present, MS MARCO) to the summary.
@@ -70,10 +74,17 @@ NO_PROMPTS = ("--query-prompt", "", "--passage-prompt", "")
 NO_PREFIXES = ("--query-prefix", "", "--passage-prefix", "")
 
 
-# training sizes per scale: (stage-1 steps, stage-2 steps, queries mined for stage 2, stage-1 pairs built);
-# None = the config's max_steps (configs/demo/pretrain.yaml 40, finetune.yaml 20: the recipe). "short" is
-# `make demo`'s 15-minute run.
-TRAIN = {"quick": (6, 4, 64, 800), "short": (12, 6, 48, 1000), "full": (None, None, 160, 2000)}
+# training sizes per scale: (stage-1 steps, stage-2 steps, queries mined for stage 2, stage-1 pairs built,
+# stage-1 long-document steps); None = the config's max_steps (configs/demo/pretrain.yaml 40, finetune.yaml 20,
+# pretrain-long.yaml 30: the recipe). "short" is `make demo`'s 15-minute run.
+TRAIN = {"quick": (6, 4, 64, 800, 2), "short": (12, 6, 48, 1000, 6), "full": (None, None, 160, 2000, None)}
+LONG_STEPS = 30  # configs/demo/pretrain-long.yaml's max_steps
+# stage 1's long-document phase reads packed pairs only (`ropebert shards pack`): 60% of the stage-1 pairs, each
+# positive placed among the other 40% of positives (so no batch holds a false negative), lengths in the parent's
+# tokens, up to 508 so that [CLS] + text + [SEP] fits the phase's 512-token passages. Chosen on the tuning splits,
+# passkey and the held-out needle task (BENCHMARKS.md)
+PACK = ("--min-length", 254, "--max-length", 508)
+PACK_SHARE = 0.6
 
 # stage 1 trains on a mixture: the docstring pairs split by package, read as one shard set (batch_source: mixed:
 # every batch mixes the packages in proportion to their sizes). Chosen on held-out docstrings: one package per
@@ -83,7 +94,7 @@ TRAIN = {"quick": (6, 4, 64, 800), "short": (12, 6, 48, 1000), "full": (None, No
 STAGE1_SOURCES = (("stdlib", 0.4), ("torch", 0.2), ("transformers", 0.2), ("numpy", 0.2))
 # what `shards` builds and stage 1 reads: a change refuses to resume an earlier demo's artifacts
 STAGE1_DATA = ("docstrings by package: " + ", ".join(f"{p} {share:g}" for p, share in STAGE1_SOURCES)
-               + "; batch_source mixed")
+               + f"; batch_source mixed; then {PACK_SHARE:g} of them packed " + " ".join(map(str, PACK)) + ", alone")
 # the APE -> RoPE conversion (`ropebert export`): the mean of the parent's 128 trained positions folded into the
 # token-type embeddings, position 0 into [CLS], q/k re-based onto the slow rotary frequencies, and the parent's
 # position vectors kept for the first 64 tokens of each sequence. K = 64 was chosen on the two tuning splits
@@ -192,12 +203,18 @@ class Demo:
         tmp.replace(self.stage1_data)
         print(f"[demo] stage-1 mixture: {self.stage1_data}")
         held_out = {"quick": 150, "short": 300}.get(self.scale, 400)  # documents
+        self.ropebert("shards", "pack", "--input", self.stage1_data, "--out", self.path("shards", "stage1-long"), *PACK,
+                      "--tokenizer", self.ape, "--limit", round(n_train * PACK_SHARE), "--overwrite")
         self.heldout_beir(self.path("eval", "docstrings-heldout"), limit=held_out)
         self.prose_beir()
 
     @property
     def stage1_data(self) -> Path:
         return self.path("shards", "stage1", "mixture.yaml")
+
+    @property
+    def long_data(self) -> Path:
+        return self.path("shards", "stage1-long")
 
     def heldout_beir(self, out: Path, limit: int) -> None:
         """Held-out docstring pairs (the source's hash split, never seen in training) as a BEIR directory, from
@@ -252,8 +269,31 @@ class Demo:
             *self.max_steps(0),
             *self.keep_checkpoints(self.curve),
         ])
-        self.ropebert("export", self.path("ckpt", "demo-pretrain", "last.ckpt"), "--out", self.path("models", "stage1"),
-                      *NO_PROMPTS, "--overwrite")
+
+    def stage1_long(self):
+        """Stage 1's second phase, on long documents (configs/demo/pretrain-long.yaml): from the first phase's
+        last checkpoint; its result is the stage-1 model."""
+        self.fit("pretrain-long.yaml", self.path("ckpt", "demo-pretrain-long"), [
+            *self.common_overrides("demo-pretrain-long"),
+            "--model.init_from", self.path("ckpt", "demo-pretrain", "last.ckpt"),
+            "--data.train_dir", self.long_data,
+            "--model.teacher", self.ape,
+            "--trainer.max_steps", self.long_steps(),
+            *self.keep_checkpoints(self.curve and (1 if self.quick else 10)),
+        ])
+        self.ropebert("export", self.path("ckpt", "demo-pretrain-long", "last.ckpt"), "--out",
+                      self.path("models", "stage1"), *NO_PROMPTS, "--overwrite")
+
+    def long_steps(self) -> int:
+        return TRAIN[self.scale][4] or LONG_STEPS
+
+    def stage1_steps(self) -> int:
+        """Steps of stage 1's first phase: --steps, else the scale's, else configs/demo/pretrain.yaml's."""
+        if self.steps or TRAIN[self.scale][0]:
+            return self.steps or TRAIN[self.scale][0]
+        import yaml
+
+        return int(yaml.safe_load(config_path("demo/pretrain.yaml").read_text())["trainer"]["max_steps"])
 
     def max_steps(self, stage: int) -> list:
         """--trainer.max_steps of stage 1 (0) or 2 (1): --steps for stage 1, else the scale's, else the config's."""
@@ -285,7 +325,7 @@ class Demo:
     def stage2(self):
         self.fit("finetune.yaml", self.path("ckpt", "demo-finetune"), [
             *self.common_overrides("demo-finetune"),
-            "--model.init_from", self.path("ckpt", "demo-pretrain", "last.ckpt"),
+            "--model.init_from", self.path("ckpt", "demo-pretrain-long", "last.ckpt"),
             "--data.train_dir", self.path("shards", "stage2"),
             "--model.teacher", self.ape,
             *self.max_steps(1),
@@ -377,11 +417,13 @@ class Demo:
                       "--plot", plots / "passkey_heatmap.png", "--no-progress")
 
     def curve_points(self) -> list[tuple[str, int, Path]]:
-        """(stage, step, checkpoint) of every kept step checkpoint of both stages, in training order."""
+        """(stage, step, checkpoint) of every kept step checkpoint of both stages, in training order; stage 1's
+        long-document phase counts on from its first phase's last step."""
         points = []
-        for stage, name in (("stage 1", "demo-pretrain"), ("stage 2", "demo-finetune")):
+        for stage, name, offset in (("stage 1", "demo-pretrain", 0), ("stage 1", "demo-pretrain-long", None),
+                                    ("stage 2", "demo-finetune", 0)):
             for ck in sorted(self.path("ckpt", name).glob("step*.ckpt")):
-                step = int(ck.stem.removeprefix("step"))
+                step = int(ck.stem.removeprefix("step")) + (self.stage1_steps() if offset is None else offset)
                 points.append((stage, step, ck))
         return points
 
@@ -451,7 +493,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise UserError(f"{flag} must be >= 1, got {v}")
     d = Demo(out, shared, args.quick, args.steps, args.curve, args.full_eval, args.full, args.pairs)
     d.check_training_scale()
-    steps = [("convert", d.convert), ("shards", d.shards), ("stage1", d.stage1), ("mine", d.mine),
+    steps = [("convert", d.convert), ("shards", d.shards), ("stage1", d.stage1), ("stage1-long", d.stage1_long),
+             ("mine", d.mine),
              ("stage2", d.stage2), ("reload", d.reload), ("evaluate", d.evaluate)]
     if args.curve:  # before the long-context evaluation: the curve needs only the kept checkpoints
         steps.insert(-1, ("curve", d.curve_eval))

@@ -4,12 +4,15 @@ built from the eval JSON files (nothing re-computed, checks reported as measured
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from ropebert.pipelines.demo.report import write_summary
 from ropebert.pipelines.demo.run import Demo
 from ropebert.pipelines.search import bytes_per_vector
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_finished_steps_are_skipped_on_rerun(tmp_path):
@@ -60,14 +63,15 @@ def test_summary_from_eval_files(tmp_path):
 
 def test_curve_table_and_points(tmp_path):
     """--curve: kept step checkpoints of both stages, in training order; the summary's steps table."""
-    for name, steps in (("demo-pretrain", (40, 80)), ("demo-finetune", (10, 20))):
+    for name, steps in (("demo-pretrain", (40, 80)), ("demo-pretrain-long", (1, 2)), ("demo-finetune", (10, 20))):
         (tmp_path / "ckpt" / name).mkdir(parents=True)
         for s in steps:
             (tmp_path / "ckpt" / name / f"step{s:07d}.ckpt").write_bytes(b"")
         (tmp_path / "ckpt" / name / "last.ckpt").write_bytes(b"")
-    d = Demo(tmp_path, None, quick=True, curve=40)
-    assert [(s, n) for s, n, _ in d.curve_points()] == [("stage 1", 40), ("stage 1", 80), ("stage 2", 10),
-                                                        ("stage 2", 20)]
+    d = Demo(tmp_path, None, quick=True, curve=40, steps=80)
+    # stage 1's long-document phase counts on from its first phase's last step
+    assert [(s, n) for s, n, _ in d.curve_points()] == [("stage 1", 40), ("stage 1", 80), ("stage 1", 81),
+                                                        ("stage 1", 82), ("stage 2", 10), ("stage 2", 20)]
     assert d.keep_checkpoints(40) == ["--checkpoint.every_n_train_steps", 40, "--checkpoint.save_top_k", -1]
     assert Demo(tmp_path, None, quick=True).keep_checkpoints(40) == []
     ev = tmp_path / "eval"
@@ -155,13 +159,19 @@ def test_pairs_sets_the_stage1_shard_sizes(tmp_path, monkeypatch):
         args = list(map(str, args))
         if args[:2] == ["shards", "build"]:
             built[args[args.index("--input") + 1]] = int(args[args.index("--limit") + 1])
+        if args[:2] == ["shards", "pack"]:
+            built["pack"] = [args[args.index("--input") + 1], args[args.index("--limit") + 1]]
 
     monkeypatch.setattr(run.Demo, "ropebert", fake_ropebert)
     monkeypatch.setattr(run.Demo, "heldout_beir", lambda self, out, limit: None)
     (tmp_path / "shards" / "stage1").mkdir(parents=True)
     Demo(tmp_path, None, quick=False, full=True, pairs=5000).shards()
+    built.pop("pack")
     assert built == {pkg: round(5000 * share) for pkg, share in run.STAGE1_SOURCES}
     Demo(tmp_path, None, quick=False, full=True).shards()
+    # the long-document pairs, packed from the stage-1 mixture; the phase reads them alone
+    assert built.pop("pack") == [str(tmp_path / "shards/stage1/mixture.yaml"), str(round(2000 * run.PACK_SHARE))]
+    assert Demo(tmp_path, None, quick=False, full=True).long_data == tmp_path / "shards/stage1-long"
     assert built == {pkg: round(2000 * share) for pkg, share in run.STAGE1_SOURCES}
     assert Demo(tmp_path, None, quick=False, full=True, pairs=5000).train_settings()["stage1_pairs"] == 5000
     assert "stage1_pairs" not in Demo(tmp_path, None, quick=False, full=True).train_settings()
@@ -248,3 +258,19 @@ def test_artifacts_of_another_conversion_are_refused(tmp_path):
     with pytest.raises(UserError, match="--keep-positions 64"):
         d.check_training_scale()
     assert "--keep-positions" in CONVERSION
+
+
+def test_long_phase_sizes_follow_its_config(tmp_path):
+    """The demo's long-phase sizes match configs/demo/pretrain-long.yaml; a demo trained before the long phase is
+    refused (its stage-1 data differ)."""
+    import yaml
+
+    from ropebert.pipelines.demo import run
+
+    cfg = yaml.safe_load((REPO / "configs/demo/pretrain-long.yaml").read_text())
+    assert cfg["trainer"]["max_steps"] == run.LONG_STEPS
+    assert cfg["data"]["max_passage_length"] >= dict(zip(run.PACK[::2], run.PACK[1::2]))["--max-length"] + 2
+    assert Demo(tmp_path, None, quick=False, full=True).long_steps() == run.LONG_STEPS
+    assert Demo(tmp_path, None, quick=False).long_steps() == run.TRAIN["short"][4]
+    assert Demo(tmp_path, None, quick=False, full=True).stage1_steps() == 40  # configs/demo/pretrain.yaml
+    assert "0.6 of them packed --min-length 254 --max-length 508, alone" in Demo(tmp_path, None, quick=False).train_settings()["stage1_data"]

@@ -162,7 +162,8 @@ def test_resume_with_other_batch_size_or_data_is_refused(tiny_bert_dir, pair_sha
 
 
 def test_print_config(tiny_bert_dir, capsys):
-    for cfg in ("configs/pretrain.yaml", "configs/finetune.yaml", "configs/demo/pretrain.yaml", "configs/demo/finetune.yaml"):
+    for cfg in ("configs/pretrain.yaml", "configs/finetune.yaml", "configs/demo/pretrain.yaml", "configs/demo/finetune.yaml",
+                "configs/demo/pretrain-long.yaml"):
         with pytest.raises(SystemExit) as e:
             cli_main(["--config", str(REPO / cfg), "--print_config"])
         assert e.value.code in (0, None)
