@@ -29,7 +29,7 @@ venv: $(STAMP)
 # all-MiniLM-L6-v2 (APE -> RoPE) -> mining -> stage 2 -> export + plain-transformers reload -> evaluation -> one
 # summary table. Ctrl-C and run it again: finished steps are skipped, training resumes from its last checkpoint.
 # `make demo DEMO_ARGS=--fresh` starts over; `make demo DEMO_ARGS=--full ARTIFACTS=artifacts-full` runs the whole
-# recipe with the full-size evaluation (about 45 minutes on 2 cores; the figures in BENCHMARKS.md).
+# recipe with the full-size evaluation (20-45 minutes on 2 cores; the figures in BENCHMARKS.md).
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/ropebert demo --out $(ARTIFACTS) $(DEMO_ARGS)
 

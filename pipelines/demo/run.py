@@ -36,8 +36,8 @@ steps + 6 long-document steps, stage 2 6 steps on 48 mined queries; held-out doc
 queries (their judged passages + a seeded sample, 500 in all); needle / passkey at 3 queries x 3 documents per
 length. `--full` runs the recipe of the configs (stage 1 40 steps + 30 long-document steps, stage 2 20 steps on 160 mined queries, 2,000
 stage-1 pairs, up to 400 held-out documents) and `--full-eval`: every system, the converted-untrained model too, on the
-FULL MS MARCO subset (43 judged queries, 5,000 passages) and needle / passkey at 20 x 20 per length (about 45
-minutes in all). `--full-eval` alone re-evaluates a finished run at full size. `--steps N` trains stage 1's first phase
+FULL MS MARCO subset (43 judged queries, 5,000 passages) and needle / passkey at 20 x 20 per length (20 minutes
+in all, set-up included, on an idle 2-core Intel Xeon; up to 45 on slower or loaded machines). `--full-eval` alone re-evaluates a finished run at full size. `--steps N` trains stage 1's first phase
 for N steps, `--pairs N` builds N stage-1 pairs (a longer run wants both). `--curve K` keeps every K-th stage-1
 checkpoint (and stage 2's every 10 steps) and adds an nDCG@10-vs-steps table of both stages (held-out docstrings
 and, when present, MS MARCO) to the summary.
@@ -465,7 +465,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller data and eval settings (for tests)")
     ap.add_argument("--full", action="store_true",
                     help="the whole recipe (stage 1 40 steps, stage 2 20 steps on 160 mined queries: the configs' "
-                         "max_steps) and --full-eval; about 45 minutes on 2 CPU cores")
+                         "max_steps) and --full-eval; 20-45 minutes on 2 CPU cores")
     ap.add_argument("--full-eval", action="store_true",
                     help="evaluate every system on the FULL MS MARCO subset (43 judged queries, 5,000 passages) and "
                          "needle / passkey at 20 x 20 per length (about 35 minutes on 2 CPU cores); a finished "
