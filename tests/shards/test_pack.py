@@ -128,3 +128,70 @@ def test_pack_reads_a_mixture(tmp_path):
     assert _pack(mix, tmp_path / "long") == 0
     m = load_manifest(tmp_path / "long")
     assert set(m["source"]["input_manifests"]) == {str(a), str(b)} and m["total_samples"] == 10
+
+
+def _snapshot(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_full_disk_mid_pack_keeps_the_previous_output(tmp_path, monkeypatch, capsys):
+    """ENOSPC while shards are written: exit 1 with a one-line message; the previous --out is untouched and no
+    temporary directory is left beside it."""
+    import errno
+
+    from ropebert.shards import format as fmt
+
+    src = _shards(tmp_path)
+    assert _pack(src, tmp_path / "long") == 0
+    before = _snapshot(tmp_path / "long")
+    calls = []
+
+    def full(self, key, sample):
+        calls.append(key)
+        if len(calls) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, key, sample)
+
+    real = fmt.ShardWriter.write
+    monkeypatch.setattr(fmt.ShardWriter, "write", full)
+    capsys.readouterr()
+    assert _pack(src, tmp_path / "long", "--seed", "1", "--overwrite") == 1
+    assert "no space left on device" in capsys.readouterr().err
+    assert _snapshot(tmp_path / "long") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "in.jsonl", "long"]
+
+
+KILLER = """
+import os, signal, sys
+from ropebert.shards import format as fmt
+real, n = fmt.ShardWriter.write, [0]
+def write(self, key, sample):
+    n[0] += 1
+    if n[0] == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, key, sample)
+fmt.ShardWriter.write = write
+from ropebert.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_9_mid_pack_then_rerun(tmp_path):
+    """SIGKILL while shards are written: the previous --out is untouched; the re-run clears the dead run's
+    temporary directory and writes exactly what an uninterrupted run writes."""
+    import subprocess
+    import sys
+
+    src = _shards(tmp_path)
+    assert _pack(src, tmp_path / "long") == 0
+    before = _snapshot(tmp_path / "long")
+    args = ["shards", "pack", "--input", str(src), "--out", str(tmp_path / "long"), "--min-length", "20",
+            "--max-length", "30", "--limit", "10", "--seed", "1", "--overwrite"]
+    r = subprocess.run([sys.executable, "-c", KILLER, *args], capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr
+    assert _snapshot(tmp_path / "long") == before
+    assert any(p.name.startswith(".long.tmp-") for p in tmp_path.iterdir())  # the dead run's, aside
+    assert cli(args) == 0
+    assert cli(args[:5] + [str(tmp_path / "clean")] + args[6:-1]) == 0
+    assert _snapshot(tmp_path / "long") == _snapshot(tmp_path / "clean") != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean", "in", "in.jsonl", "long"]
