@@ -19,6 +19,8 @@ lengths     256 ... 32768 tokens. With the model's tokenizer (what the CLI uses)
             (0.75 words per token). Under BERT WordPiece that rule undershoots (filler: ~0.95 x length,
             Paul Graham text: ~0.91 x length tokens), hence the token budget when the tokenizer is known.
             Acc@1 per length and the average over lengths (LongEmbed's headline number).
+seeds       `--seed 0,1,2,3,4` evaluates each seed's documents with the same model (and baselines) and reports
+            Acc@1 averaged over the seeds beside each seed's own (`acc@1_per_seed`).
 
 Methods (`--method`): the presets of ropebert.model.long_context (LongEmbed Table 6).
 """
@@ -339,6 +341,28 @@ def evaluate_tasks(model, tasks: Sequence[SyntheticTask], method: str = "none", 
     return {"acc@1": per_len, "acc@1_avg": sum(per_len.values()) / len(per_len)}
 
 
+def parse_seeds(spec: str) -> list[int]:
+    """--seed: one seed or a comma-separated list of distinct seeds ("0,1,2,3,4")."""
+    try:
+        seeds = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise InputError(f"--seed {spec!r}: expected an integer or a comma-separated list of integers") from None
+    if len(set(seeds)) != len(seeds):
+        raise InputError(f"--seed {spec!r}: a seed is listed twice")
+    return seeds
+
+
+def mean_over_seeds(per_seed: dict[int, dict]) -> dict:
+    """The metrics of several seeds (each evaluate_tasks' {"acc@1": {length: acc}, "acc@1_avg": avg}) as one:
+    Acc@1 per length averaged over the seeds, their average over lengths, and every seed's own figures."""
+    first = next(iter(per_seed.values()))
+    per_len = {n: sum(m["acc@1"][n] for m in per_seed.values()) / len(per_seed) for n in first["acc@1"]}
+    out = {"acc@1": per_len, "acc@1_avg": sum(per_len.values()) / len(per_len)}
+    if len(per_seed) > 1:
+        out["acc@1_per_seed"] = {str(s): m["acc@1"] for s, m in per_seed.items()}
+    return out
+
+
 def parse_lengths(spec: Optional[str]) -> list[int]:
     """--lengths: None (not given) is the default sweep; anything given, the empty string included, must list
     lengths (an empty value never silently means the whole 32k sweep)."""
@@ -365,7 +389,11 @@ def _main(task_name: str, argv: Optional[list[str]]) -> int:
     ap.add_argument("--lengths", default=None, help="comma-separated token lengths (default 256..32768)")
     ap.add_argument("--num-queries", type=int, default=50)
     ap.add_argument("--num-docs", type=int, default=100)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", default="0",
+                    help="the seed the documents are drawn from (default 0); a comma-separated list (0,1,2,3,4) "
+                         "evaluates every seed on the same model and reports Acc@1 averaged over them beside each "
+                         "seed's own: at a few dozen queries one seed's draw of needle depths moves a length by "
+                         "several points")
     ap.add_argument("--max-length", type=int, default=None,
                     help="truncate documents to this many tokens (default: none, documents are fed whole)")
     ap.add_argument("--baseline", action="append", default=[], metavar="st:DIR",
@@ -379,6 +407,7 @@ def _main(task_name: str, argv: Optional[list[str]]) -> int:
     args = ap.parse_args(argv)
     methods = args.method or ["none"]
     lengths = parse_lengths(args.lengths)
+    seeds = parse_seeds(args.seed)
     t0 = time.perf_counter()
     model = load_source(args.model).eval()
     if args.device is None and torch.cuda.is_available():
@@ -389,18 +418,21 @@ def _main(task_name: str, argv: Optional[list[str]]) -> int:
         check_method_supported(model, m, max(lengths))
     tok = model.tokenizer
     if task_name == "passkey":
-        tasks = generate_passkey(lengths, args.num_queries, args.num_docs, args.seed, tok, args.passage_prefix)
+        by_seed = {s: generate_passkey(lengths, args.num_queries, args.num_docs, s, tok, args.passage_prefix)
+                   for s in seeds}
         data = "generated: LongEmbed personalized passkey"
     else:
-        tasks = generate_needle(args.msmarco, args.pg, lengths, args.num_queries, args.num_docs, args.seed, tok,
-                                args.passage_prefix)
+        by_seed = {s: generate_needle(args.msmarco, args.pg, lengths, args.num_queries, args.num_docs, s, tok,
+                                      args.passage_prefix) for s in seeds}
         data = f"generated: needles from {args.msmarco} (grade>=2) in haystacks from {args.pg}"
+    tasks = by_seed[seeds[0]]
     results, cache = [], {}
     for m in methods:
         t1 = time.perf_counter()
-        r = evaluate_tasks(model, tasks, m, query_prefix=args.query_prefix, passage_prefix=args.passage_prefix,
-                           batch_size=args.batch_size, max_tokens=args.max_tokens, max_length=args.max_length,
-                           device=args.device, show_progress_bar=not args.no_progress, cache=cache)
+        r = mean_over_seeds({s: evaluate_tasks(
+            model, ts, m, query_prefix=args.query_prefix, passage_prefix=args.passage_prefix,
+            batch_size=args.batch_size, max_tokens=args.max_tokens, max_length=args.max_length, device=args.device,
+            show_progress_bar=not args.no_progress, cache=cache) for s, ts in by_seed.items()})
         presets = {}
         for n in lengths:  # what the method set at each length: config keys and encode options together
             cfg_updates, enc_kw = method_preset(m, n, model.config)
@@ -416,22 +448,25 @@ def _main(task_name: str, argv: Optional[list[str]]) -> int:
         # the parent's own position range (an APE BERT: max_position_embeddings, at most 512), not its shorter
         # sentence-transformers default max_seq_length
         limit = min(512, int(getattr(enc.model[0].auto_model.config, "max_position_embeddings", 512) or 512))
-        per_len = {}
-        for task in tasks:
-            q = enc.encode(task.queries, "query", max_length=limit)
-            d = enc.encode(task.docs, "passage", max_length=limit)
-            per_len[str(task.length)] = accuracy_at_1(q @ d.T, task.gold)
+        per_seed = {}
+        for s, ts in by_seed.items():
+            per_len = {}
+            for task in ts:
+                q = enc.encode(task.queries, "query", max_length=limit)
+                d = enc.encode(task.docs, "passage", max_length=limit)
+                per_len[str(task.length)] = accuracy_at_1(q @ d.T, task.gold)
+            per_seed[s] = {"acc@1": per_len}
         label = f"{short_path(spec[3:])} (truncated at {limit})"
-        results.append({"method": label, "baseline": spec, "max_seq_length": limit,
-                        "metrics": {"acc@1": per_len, "acc@1_avg": sum(per_len.values()) / len(per_len)},
+        metrics = mean_over_seeds(per_seed)
+        results.append({"method": label, "baseline": spec, "max_seq_length": limit, "metrics": metrics,
                         "wall_time_s": round(time.perf_counter() - t1, 3)})
-        logger.info("%s %s: %s", task_name, label, per_len)
+        logger.info("%s %s: %s", task_name, label, metrics["acc@1"])
     out = {
         "task": task_name,
         "model": args.model,
         "data": data,
         "settings": {"lengths": lengths, "num_queries": len(tasks[0].queries), "num_docs": len(tasks[0].docs),
-                     "seed": args.seed, "methods": methods, "query_prefix": args.query_prefix,
+                     "seed": seeds[0] if len(seeds) == 1 else seeds, "methods": methods, "query_prefix": args.query_prefix,
                      "passage_prefix": args.passage_prefix, "max_length": args.max_length,
                      "batch_size": args.batch_size, "max_tokens": args.max_tokens, "device": args.device,
                      "words_per_token": WORDS_PER_TOKEN},
@@ -443,8 +478,16 @@ def _main(task_name: str, argv: Optional[list[str]]) -> int:
     header = ["method"] + [length_label(n) for n in lengths] + ["avg"]
     rows = [[r["method"]] + [f"{100 * r['metrics']['acc@1'][str(n)]:.1f}" for n in lengths]
             + [f"{100 * r['metrics']['acc@1_avg']:.1f}"] for r in results]
-    print(f"{task_name} Acc@1 (%), model={args.model}, {len(tasks[0].queries)} queries x {len(tasks[0].docs)} docs per length")
+    over = "" if len(seeds) == 1 else f", mean over seeds {','.join(map(str, seeds))}"
+    print(f"{task_name} Acc@1 (%), model={args.model}, {len(tasks[0].queries)} queries x {len(tasks[0].docs)} docs "
+          f"per length{over}")
     print(markdown_table(header, rows))
+    if len(seeds) > 1:
+        seed_header = ["method", "seed"] + [length_label(n) for n in lengths]
+        seed_rows = [[r["method"], str(s)] + [f"{100 * per_len[str(n)]:.1f}" for n in lengths]
+                     for r in results for s, per_len in r["metrics"]["acc@1_per_seed"].items()]
+        print(f"\n{task_name} Acc@1 (%) of each seed")
+        print(markdown_table(seed_header, seed_rows))
     if args.output:
         write_json(out, args.output)
     if args.plot:

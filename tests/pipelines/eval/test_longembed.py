@@ -183,3 +183,50 @@ def test_methods_share_results_where_their_presets_agree(tokenizer):
         hook.remove()
     assert cached == plain
     assert sum(n == 128 for n in lengths) == 1 and sum(n == 256 for n in lengths) == 2  # ntk@128 reused
+
+
+def test_seed_lists_are_parsed_and_checked():
+    from ropebert.errors import InputError
+    from ropebert.pipelines.eval.longembed import parse_seeds
+
+    assert parse_seeds("0") == [0] and parse_seeds("3,1,2") == [3, 1, 2]
+    for bad in ("0,x", "", "1.5", "2,2"):
+        with pytest.raises(InputError, match="--seed"):
+            parse_seeds(bad)
+
+
+def test_mean_over_seeds_by_hand():
+    from ropebert.pipelines.eval.longembed import mean_over_seeds
+
+    one = {"acc@1": {"256": 0.5, "512": 0.25}, "acc@1_avg": 0.375}
+    assert mean_over_seeds({0: one}) == {"acc@1": {"256": 0.5, "512": 0.25}, "acc@1_avg": 0.375}
+    two = mean_over_seeds({0: one, 7: {"acc@1": {"256": 1.0, "512": 0.0}}})
+    assert two["acc@1"] == {"256": 0.75, "512": 0.125} and two["acc@1_avg"] == pytest.approx(0.4375)
+    assert two["acc@1_per_seed"] == {"0": {"256": 0.5, "512": 0.25}, "7": {"256": 1.0, "512": 0.0}}
+
+
+def test_several_seeds_report_each_seed_and_their_mean(tmp_path, minilm_dir, capsys):
+    """`--seed 0,1`: each seed's figures are those of its own run (model and baseline), the headline their mean."""
+    def run(seed):
+        out = tmp_path / f"passkey-{seed}.json"
+        rc = passkey_main(["--model", str(minilm_dir), "--method", "none", "--baseline", f"st:{minilm_dir}",
+                           "--lengths", "256,512", "--num-queries", "3", "--num-docs", "4", "--seed", seed,
+                           "--output", str(out), "--no-progress"])
+        assert rc == 0
+        return json.loads(out.read_text())
+
+    single = {s: run(s) for s in ("0", "1")}
+    capsys.readouterr()
+    both = run("0,1")
+    printed = capsys.readouterr().out
+    assert both["settings"]["seed"] == [0, 1] and single["0"]["settings"]["seed"] == 0
+    assert "acc@1_per_seed" not in single["0"]["results"][0]["metrics"]
+    assert both["results"][0]["method"] == "none" and "baseline" in both["results"][1]
+    for i in (0, 1):  # the RoPE model's method, then the sentence-transformers baseline
+        r = both["results"][i]["metrics"]
+        for s in ("0", "1"):
+            assert r["acc@1_per_seed"][s] == single[s]["results"][i]["metrics"]["acc@1"]
+        for n in ("256", "512"):
+            assert r["acc@1"][n] == pytest.approx(sum(single[s]["results"][i]["metrics"]["acc@1"][n]
+                                                      for s in ("0", "1")) / 2)
+    assert "mean over seeds 0,1" in printed and "of each seed" in printed
