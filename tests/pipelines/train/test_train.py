@@ -161,6 +161,35 @@ def test_resume_with_other_batch_size_or_data_is_refused(tiny_bert_dir, pair_sha
         cli_main(_base_args(tiny_bert_dir, other, tiny_bert_dir, tmp_path, steps=6, extra=("--ckpt_path", "last")))
 
 
+def test_resume_with_a_changed_or_dropped_teacher_is_refused(tiny_bert_dir, pair_shards, tmp_path):
+    """The checkpoint records the teacher's content hash; a resume whose teacher files differ (or that has no
+    teacher) stops before any step, naming both hashes. The same files under another path resume."""
+    import shutil
+
+    from ropebert.errors import InputError
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_bert_dir, teacher)
+    run = lambda t, steps, resume: cli_main(_base_args(  # noqa: E731
+        tiny_bert_dir, pair_shards, tiny_bert_dir, tmp_path / "run", steps=steps,
+        extra=(*(("--model.teacher", str(t), "--model.teacher_embed_weight", "1.0") if t else ()),
+               *(("--ckpt_path", "last") if resume else ()))))
+    run(teacher, 3, False)
+    ck = tmp_path / "run" / "ckpt" / "last.ckpt"
+    before = ck.read_bytes()
+    cfg = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps(dict(cfg, layer_norm_eps=1e-5)))
+    with pytest.raises(InputError, match="the teacher changed since the checkpoint was written"):
+        run(teacher, 6, True)
+    with pytest.raises(InputError, match="the teacher changed since the checkpoint was written"):
+        run(None, 6, True)
+    assert ck.read_bytes() == before  # refused before a step, nothing written
+    moved = tmp_path / "teacher-copy"
+    shutil.copytree(tiny_bert_dir, moved)
+    run(moved, 6, True)
+    assert torch.load(ck, weights_only=True, map_location="cpu")["global_step"] == 6
+
+
 def test_print_config(tiny_bert_dir, capsys):
     for cfg in ("configs/pretrain.yaml", "configs/finetune.yaml", "configs/demo/pretrain.yaml", "configs/demo/finetune.yaml",
                 "configs/demo/pretrain-long.yaml"):
